@@ -1,0 +1,604 @@
+"""
+HRWKV7 "hxa079": a hybrid of RWKV-7-style linear-attention blocks and a few softmax GQA
+blocks without position encoding (OpenMOSE's HRWKV7-Reka-Flash3.1-Preview), in one file.
+
+    x = embed(ids)
+    for each layer:  x = x + mix(rmsnorm(x));  x = x + mlp(rmsnorm(x))
+    logits = lm_head(rmsnorm(x))
+
+`mix` is an hxa079 time-mix (RWKV7TimeMix) on most layers and a NoPE GQA attention
+(GQAAttention) on the layers listed in `config.transformer_layers`; `mlp` is SwiGLU.
+
+The parameter names are the HF checkpoint's names (`model.layers.3.self_attn.w1`, ...), so a
+checkpoint loads with `load_state_dict` and nothing is renamed at run time.
+
+State (HRWKV7State): per RWKV layer a WKV matrix S [B, H, K, V] (fixed size), per GQA layer
+a key/value cache [B, KV, T_past, N] (grows with the context), and the position offset.
+`forward(ids, state) -> (logits, new_state)` never mutates the state it was given.
+
+Run `python hrwkv7_ref.py` for a self-check on a tiny random model (no download).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wkv_kernel import wkv7
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class HRWKV7Config:
+    """The HF `config.json` of an hxa079 checkpoint. Unknown keys are kept in `extra`."""
+    vocab_size: int = 256
+    hidden_size: int = 64                    # C
+    num_hidden_layers: int = 4               # L
+    num_attention_heads: int = 4             # H
+    num_key_value_heads: int = 2             # KV
+    head_dim: Optional[int] = None           # N (None: hidden_size // num_attention_heads)
+    intermediate_size: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    transformer_layers: list = field(default_factory=list)   # indices of the GQA layers
+    enable_qk_norm: bool = False
+    attention_bias: bool = False
+    lora_rank_decay: int = 8
+    lora_rank_iclr: int = 8
+    lora_rank_value_residual_mix: int = 8
+    lora_rank_key_residual_mix: int = 8
+    lora_rank_gate: int = 16
+    rwkv_architecture: str = "hxa079"
+    extra: dict = field(default_factory=dict)  # any other config.json key, kept for round trips
+
+    def __post_init__(self):
+        self.transformer_layers = sorted(int(i) for i in self.transformer_layers)
+        self.validate()
+
+    # derived sizes
+    @property
+    def head_size(self) -> int:              # N
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def is_gqa(self, i: int) -> bool:
+        return i in self.transformer_layers
+
+    @property
+    def first_rwkv_layer(self) -> Optional[int]:
+        return next((i for i in range(self.num_hidden_layers) if not self.is_gqa(i)), None)
+
+    def validate(self):
+        def bad(name, why):
+            raise ValueError(f"HRWKV7Config.{name}: {why}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "lora_rank_decay", "lora_rank_iclr",
+                     "lora_rank_value_residual_mix", "lora_rank_key_residual_mix", "lora_rank_gate"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                bad(name, f"must be a positive integer, got {val!r}")
+        H, KV = self.num_attention_heads, self.num_key_value_heads
+        if H % KV != 0:
+            bad("num_key_value_heads", f"num_attention_heads={H} is not a multiple of num_key_value_heads={KV}")
+        if self.head_dim is None:
+            if self.hidden_size % H != 0:
+                bad("head_dim", f"absent, and hidden_size={self.hidden_size} is not divisible by "
+                                f"num_attention_heads={H}")
+        elif not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim <= 0:
+            bad("head_dim", f"must be a positive integer or absent, got {self.head_dim!r}")
+        if self.head_size % 2 != 0:
+            bad("head_dim", f"RoPE rotates pairs of dimensions: head size {self.head_size} must be even")
+        L = self.num_hidden_layers
+        if any(not 0 <= i < L for i in self.transformer_layers):
+            bad("transformer_layers", f"{self.transformer_layers} has an index outside [0, {L})")
+        if len(set(self.transformer_layers)) != len(self.transformer_layers):
+            bad("transformer_layers", f"{self.transformer_layers} repeats an index")
+        if not self.rms_norm_eps > 0:
+            bad("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
+        if not self.rope_theta > 0:
+            bad("rope_theta", f"must be > 0, got {self.rope_theta!r}")
+        if self.rwkv_architecture != "hxa079":
+            bad("rwkv_architecture", f"this implementation computes 'hxa079', got {self.rwkv_architecture!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HRWKV7Config":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {key: val for key, val in d.items() if key in known}
+        extra = {key: val for key, val in d.items() if key not in known}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json(cls, path) -> "HRWKV7Config":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if d["head_dim"] is None:
+            del d["head_dim"]
+        d["transformer_layers"] = list(d["transformer_layers"])
+        return {**self.extra, **d}
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last dim, computed in >= float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions, N: int, theta: float, dtype, device):
+    """cos, sin [T, N] for rotate-half RoPE: angle[t, j] = pos_t * theta^(-2j/N), j < N/2, repeated twice.
+    Angles are formed in float64 so large positions stay exact, then cast to the model dtype."""
+    inv_freq = theta ** (-torch.arange(0, N, 2, dtype=torch.float64, device=device) / N)  # [N/2]
+    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]                        # [T, N/2]
+    ang = torch.cat([ang, ang], dim=-1)                                                   # [T, N]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, h, N] -> x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+
+def repeat_kv(x, n_rep: int):
+    """[B, T, KV, N] -> [B, T, KV * n_rep, N]; head h reads KV head h // n_rep."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))"""
+
+    def __init__(self, C: int, I: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(C, I, bias=False)
+        self.up_proj = nn.Linear(C, I, bias=False)
+        self.down_proj = nn.Linear(I, C, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# -----------------------------------------------------------------------------
+# The hxa079 time-mix
+
+
+class RWKV7TimeMix(nn.Module):
+    """
+    hxa079 time-mix, per token (x is the normed hidden state, shapes per head):
+
+        r = x Wr^T (+br)   [H, N];   k = x Wk^T (+bk)   [KV, N];   v = x Wv^T (+bv)   [KV, N]
+        r, k = rmsnorm(r), rmsnorm(k)                    (only with enable_qk_norm)
+        r, k = rope(r, pos), rope(k, pos)                (absolute position)
+        first RWKV layer: v_first, k_first = v, k
+        later layers:     v += (v_first - v) * sigmoid(x v1 v2 + v0)
+                          k += (k_first - k) * sigmoid(x k1 k2 + k0)
+        k, v = repeat each KV head H/KV times
+        a  = sigmoid(x a1 a2 + a0)                       in-context learning rate
+        kk = k / max(||k||, 1e-12)
+        w  = -softplus(-(tanh(x w1) w2 + w0)) - 0.5     (<= -0.5)
+        k  = k * (1 - w + a)
+        y  = WKV(r, log decay = -exp(w), k, v, a = -kk, b = kk * a) * N^-0.5
+        y += sum(r * k * r_k) * v                        per-head bonus (uses the scaled k)
+        out = (y * (sigmoid(x g1) g2)) Wo^T
+    No token shift, no GroupNorm.
+    """
+
+    def __init__(self, cfg: HRWKV7Config, layer_id: int):
+        super().__init__()
+        C, H, KV, N = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        A, K = H * N, KV * N
+        self.H, self.KV, self.N = H, KV, N
+        self.is_first = layer_id == cfg.first_rwkv_layer
+        self.receptance = nn.Linear(C, A, bias=cfg.attention_bias)
+        self.key = nn.Linear(C, K, bias=cfg.attention_bias)
+        self.value = nn.Linear(C, K, bias=cfg.attention_bias)
+        self.output = nn.Linear(A, C, bias=False)
+        if cfg.enable_qk_norm:
+            self.r_norm = RMSNorm(N, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(N, cfg.rms_norm_eps)
+        Dw, Da, Dv, Dk, Dg = (cfg.lora_rank_decay, cfg.lora_rank_iclr, cfg.lora_rank_value_residual_mix,
+                              cfg.lora_rank_key_residual_mix, cfg.lora_rank_gate)
+        P = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731  (filled by init or a checkpoint)
+        self.w0, self.w1, self.w2 = P(1, 1, A), P(C, Dw), P(Dw, A)
+        self.a0, self.a1, self.a2 = P(1, 1, A), P(C, Da), P(Da, A)
+        self.v0, self.v1, self.v2 = P(1, 1, K), P(C, Dv), P(Dv, K)
+        self.k0, self.k1, self.k2 = P(1, 1, K), P(C, Dk), P(Dk, K)
+        self.g1, self.g2 = P(C, Dg), P(Dg, A)
+        self.r_k = P(H, N)
+
+    def forward(self, x, cos, sin, S, v_first, k_first, wkv_impl="auto"):
+        B, T, _ = x.shape
+        H, KV, N = self.H, self.KV, self.N
+        r = self.receptance(x).view(B, T, H, N)                          # [B, T, H, N]
+        k = self.key(x).view(B, T, KV, N)                                # [B, T, KV, N]
+        v = self.value(x).view(B, T, KV, N)                              # [B, T, KV, N]
+        if hasattr(self, "r_norm"):
+            r, k = self.r_norm(r), self.k_norm(k)
+        r, k = apply_rope(r, cos, sin), apply_rope(k, cos, sin)
+        if self.is_first:
+            v_first, k_first = v, k
+        else:
+            v = v + (v_first - v) * torch.sigmoid(x @ self.v1 @ self.v2 + self.v0).view(B, T, KV, N)
+            k = k + (k_first - k) * torch.sigmoid(x @ self.k1 @ self.k2 + self.k0).view(B, T, KV, N)
+        k, v = repeat_kv(k, H // KV), repeat_kv(v, H // KV)             # [B, T, H, N]
+        a = torch.sigmoid(x @ self.a1 @ self.a2 + self.a0).view(B, T, H, N)
+        kk = F.normalize(k, dim=-1, eps=1e-12)
+        w = -F.softplus(-(torch.tanh(x @ self.w1) @ self.w2 + self.w0)) - 0.5
+        w = w.view(B, T, H, N)
+        k = k * (1 - w + a)
+        y, S = wkv7(r, -torch.exp(w), k, v, -kk, kk * a, S, impl=wkv_impl)  # [B, T, H, N], [B, H, N, N]
+        y = y * N ** -0.5
+        y = y + (r * k * self.r_k).sum(-1, keepdim=True) * v
+        g = torch.sigmoid(x @ self.g1) @ self.g2                        # [B, T, A]
+        return self.output(y.reshape(B, T, H * N) * g), S, v_first, k_first
+
+
+# -----------------------------------------------------------------------------
+# NoPE GQA attention
+
+
+class GQAAttention(nn.Module):
+    """Causal softmax attention, grouped KV heads, no position encoding, with a KV cache:
+        o = softmax(q K^T * N^-0.5 + causal mask) V   over [cached keys, new keys]."""
+
+    def __init__(self, cfg: HRWKV7Config, layer_id: int):
+        super().__init__()
+        C, H, KV, N = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        self.H, self.KV, self.N = H, KV, N
+        self.q_proj = nn.Linear(C, H * N, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, KV * N, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, KV * N, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * N, C, bias=False)
+        if cfg.enable_qk_norm:
+            self.q_norm = RMSNorm(N, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(N, cfg.rms_norm_eps)
+
+    def forward(self, x, cache):
+        B, T, _ = x.shape
+        H, KV, N = self.H, self.KV, self.N
+        q = self.q_proj(x).view(B, T, H, N)
+        k = self.k_proj(x).view(B, T, KV, N)
+        v = self.v_proj(x).view(B, T, KV, N)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                      # [B, KV, T, N]
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # [B, KV, P+T, N]
+        P = k.shape[2] - T                                               # cached positions
+        q = q.transpose(1, 2)                                            # [B, H, T, N]
+        kr, vr = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # [B, H, P+T, N]
+        att = (q @ kr.transpose(-1, -2)) * N ** -0.5                     # [B, H, T, P+T]
+        i = torch.arange(T, device=x.device)[:, None] + P
+        j = torch.arange(P + T, device=x.device)[None, :]
+        att = att.masked_fill(j > i, float("-inf"))
+        att = torch.softmax(att.to(torch.promote_types(att.dtype, torch.float32)), dim=-1).to(q.dtype)
+        o = (att @ vr).transpose(1, 2).reshape(B, T, H * N)              # [B, T, H*N]
+        return self.o_proj(o), (k, v)
+
+
+# -----------------------------------------------------------------------------
+# The hybrid model
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: HRWKV7Config, layer_id: int):
+        super().__init__()
+        self.is_gqa = cfg.is_gqa(layer_id)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = GQAAttention(cfg, layer_id) if self.is_gqa else RWKV7TimeMix(cfg, layer_id)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+
+@dataclass
+class HRWKV7State:
+    """Everything the model carries between calls.
+    layers[i] is S [B, H, K, V] for an RWKV layer, (k_cache, v_cache) [B, KV, T_past, N] for a GQA
+    layer; pos is the number of tokens already seen (the RoPE offset of the RWKV layers)."""
+    layers: list
+    pos: int = 0
+
+    def nbytes(self) -> dict:
+        rwkv = sum(s.numel() * s.element_size() for s in self.layers if torch.is_tensor(s))
+        kv = sum(t.numel() * t.element_size() for s in self.layers if isinstance(s, tuple) for t in s)
+        return {"rwkv_state": rwkv, "kv_cache": kv}
+
+
+class HRWKV7Model(nn.Module):
+    def __init__(self, cfg: HRWKV7Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class HRWKV7ForCausalLM(nn.Module):
+    def __init__(self, config: HRWKV7Config):
+        super().__init__()
+        self.config = config
+        self.model = HRWKV7Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.wkv_impl = "auto"   # which WKV form prefill uses (see wkv_kernel.wkv7)
+
+    # ---- weights
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02):
+        """Small random weights for tests and the demo (not the training initialisation)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                val = 1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            elif name.endswith(("w0", "a0", "v0", "k0")):
+                val = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            elif name.endswith(("w1", "w2", "a1", "a2", "v1", "v2", "k1", "k2", "g1", "g2", "r_k")):
+                val = 0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            else:
+                val = std * 5 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_(val.to(p.dtype))
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "HRWKV7ForCausalLM":
+        """Load an HF-layout checkpoint directory (config.json + model.safetensors or a sharded index)."""
+        from convert import load_checkpoint
+        config, state_dict = load_checkpoint(path)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model, state_dict)
+        state_dict = {key: t.to(dtype=dtype, device=device) for key, t in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval()
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def head_weight(self):
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    # ---- state
+
+    def empty_state(self, batch_size: int) -> HRWKV7State:
+        """Zero WKV states and empty KV caches for a batch (what forward uses when state=None)."""
+        cfg, dev = self.config, self.model.embed_tokens.weight.device
+        H, KV, N = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        sd = torch.float64 if self.dtype == torch.float64 else torch.float32
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            if cfg.is_gqa(i):
+                empty = torch.zeros(batch_size, KV, 0, N, dtype=self.dtype, device=dev)
+                layers.append((empty, empty))
+            else:
+                layers.append(torch.zeros(batch_size, H, N, N, dtype=sd, device=dev))
+        return HRWKV7State(layers, 0)
+
+    def check_state(self, state: HRWKV7State, batch_size: int):
+        """Raise a ValueError if `state` does not belong to this config, dtype and batch size."""
+        ref = self.empty_state(batch_size)
+        if not isinstance(state, HRWKV7State):
+            raise ValueError(f"state must be an HRWKV7State, got {type(state).__name__}")
+        if len(state.layers) != len(ref.layers):
+            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(ref.layers)}")
+        for i, (s, e) in enumerate(zip(state.layers, ref.layers)):
+            kind = "GQA" if isinstance(e, tuple) else "RWKV"
+            if isinstance(e, tuple) != isinstance(s, tuple):
+                raise ValueError(f"state.layers[{i}]: layer {i} is {kind}, the state holds the other kind")
+            for got, want in zip(s, e) if kind == "GQA" else [(s, e)]:
+                gs, ws = tuple(got.shape), tuple(want.shape)
+                if kind == "GQA":
+                    gs, ws = gs[:2] + gs[3:], ws[:2] + ws[3:]            # the cache length may be anything
+                if gs != ws or got.dtype != want.dtype:
+                    raise ValueError(f"state.layers[{i}] ({kind}) has shape {tuple(got.shape)} {got.dtype}, "
+                                     f"expected {tuple(want.shape)} {want.dtype} (batch size {batch_size})")
+            if kind == "GQA" and s[0].shape[2] != state.pos:
+                raise ValueError(f"state.layers[{i}] caches {s[0].shape[2]} positions but state.pos={state.pos}")
+
+    # ---- forward
+
+    def forward(self, input_ids, state: Optional[HRWKV7State] = None):
+        """input_ids [B, T] -> logits [B, T, vocab], the state after the T tokens."""
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError("input_ids must be an integer tensor [B, T], got "
+                             + (f"{input_ids.dtype} {tuple(input_ids.shape)}" if torch.is_tensor(input_ids)
+                                else type(input_ids).__name__))
+        B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("input_ids has no tokens (T == 0)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"input_ids contains token id {hi if hi >= cfg.vocab_size else lo}, "
+                             f"outside [0, vocab_size={cfg.vocab_size})")
+        if state is None:
+            state = self.empty_state(B)
+        else:
+            self.check_state(state, B)
+
+        x = self.model.embed_tokens(input_ids)                          # [B, T, C]
+        pos = torch.arange(state.pos, state.pos + T, device=x.device)
+        cos, sin = rope_cos_sin(pos, cfg.head_size, cfg.rope_theta, x.dtype, x.device)  # [T, N]
+        v_first = k_first = None
+        new_layers = []
+        for layer, s in zip(self.model.layers, state.layers):
+            h = layer.input_layernorm(x)
+            if layer.is_gqa:
+                out, s = layer.self_attn(h, s)
+            else:
+                out, s, v_first, k_first = layer.self_attn(h, cos, sin, s, v_first, k_first, self.wkv_impl)
+            x = x + out
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            new_layers.append(s)
+        logits = F.linear(self.model.norm(x), self.head_weight)         # [B, T, V]
+        return logits, HRWKV7State(new_layers, state.pos + T)
+
+    # ---- generation
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: Optional[int] = None, state: Optional[HRWKV7State] = None):
+        """Parallel prefill of input_ids [B, T], then one token at a time through the state.
+        temperature == 0 is greedy; top_p < 1 samples from the smallest set of tokens whose
+        probability reaches top_p. Returns [B, T + max_new_tokens]."""
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        gen = torch.Generator(device=input_ids.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        out = [input_ids]
+        logits, state = self(input_ids, state)
+        for step in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_p, gen)          # [B, 1]
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits, state = self(nxt, state)
+        return torch.cat(out, dim=1)
+
+
+def sample(logits, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """logits [B, V] -> token ids [B, 1]."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1:
+        sp, si = probs.sort(dim=-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p                                # tokens before the mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
+    return torch.multinomial(probs, 1, generator=gen)
+
+
+def check_state_dict(model: nn.Module, state_dict: dict):
+    """Raise a ValueError naming every missing, unexpected or wrong-shaped tensor."""
+    want = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    missing = sorted(set(want) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(want))
+    wrong = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {want[key]}"
+             for key in sorted(set(want) & set(state_dict)) if tuple(state_dict[key].shape) != want[key]]
+    problems = ([f"missing tensor {key}" for key in missing] + [f"unexpected tensor {key}" for key in unexpected]
+                + [f"wrong shape {w}" for w in wrong])
+    if problems:
+        raise ValueError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+
+
+# -----------------------------------------------------------------------------
+# Memory: state + KV cache, analytic
+
+
+def state_bytes(cfg: HRWKV7Config, context: int, batch: int = 1, kv_bytes: int = 2, state_bytes_per: int = 4):
+    """Bytes of (RWKV states, GQA KV caches) after `context` tokens: S is [H, N, N] float32 per
+    RWKV layer, the cache 2 x [KV, context, N] in the model dtype per GQA layer."""
+    H, KV, N = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    n_gqa = len(cfg.transformer_layers)
+    rwkv = (cfg.num_hidden_layers - n_gqa) * batch * H * N * N * state_bytes_per
+    kv = n_gqa * batch * 2 * KV * context * N * kv_bytes
+    return rwkv, kv
+
+
+REKA_FLASH_31 = dict(  # the teacher's shapes; the hybrid keeps 6 GQA layers
+    vocab_size=100352, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+    num_key_value_heads=8, head_dim=96, intermediate_size=19648, rms_norm_eps=1e-5, rope_theta=8e6,
+    transformer_layers=[7, 14, 21, 28, 35, 42])  # placement illustrative: only the count matters below
+
+TINY = dict(vocab_size=128, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=12, intermediate_size=96, transformer_layers=[2], lora_rank_decay=8, lora_rank_iclr=8,
+            lora_rank_value_residual_mix=4, lora_rank_key_residual_mix=4, lora_rank_gate=8)
+
+
+# -----------------------------------------------------------------------------
+# Demo
+
+
+def demo():
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    cfg = HRWKV7Config.from_dict(TINY)
+    model = HRWKV7ForCausalLM(cfg).double().init_random(seed=0).eval()
+    kinds = "".join("G" if cfg.is_gqa(i) else "R" for i in range(cfg.num_hidden_layers))
+    print(f"tiny random hxa079 model, float64: layers {kinds} (R = RWKV, G = NoPE GQA), "
+          f"C={cfg.hidden_size} H={cfg.num_attention_heads} KV={cfg.num_key_value_heads} N={cfg.head_size}")
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(ids)
+        a, st = model(ids[:, :10])
+        b, _ = model(ids[:, 10:], st)
+        split = torch.cat([a, b], dim=1)
+        st, steps = None, []
+        for t in range(ids.shape[1]):
+            lg, st = model(ids[:, t:t + 1], st)
+            steps.append(lg)
+        stepwise = torch.cat(steps, dim=1)
+    scale = full.abs().max().item()
+    print(f"  max |parallel - split prefill (10+14)| / max|logits| = {(full - split).abs().max().item() / scale:.1e}")
+    print(f"  max |parallel - token-by-token|        / max|logits| = {(full - stepwise).abs().max().item() / scale:.1e}")
+    out = model.generate(ids[:1, :8], max_new_tokens=8, temperature=0)
+    print(f"  greedy generation from 8 prompt tokens: {out[0, 8:].tolist()}")
+
+    big = HRWKV7Config.from_dict(REKA_FLASH_31)
+    ctx = 32768
+    rwkv, kv = state_bytes(big, ctx)
+    all_gqa = state_bytes(HRWKV7Config.from_dict({**REKA_FLASH_31, "transformer_layers": list(range(44))}), ctx)[1]
+    gib = 2 ** 30
+    print(f"Reka-Flash-3.1 shapes at {ctx} tokens, batch 1 (RWKV state float32, KV cache bfloat16):")
+    print(f"  hybrid (38 RWKV + 6 GQA): RWKV states {rwkv / gib:.3f} GiB + KV cache {kv / gib:.3f} GiB "
+          f"= {(rwkv + kv) / gib:.3f} GiB")
+    print(f"  all 44 layers GQA:       KV cache {all_gqa / gib:.3f} GiB  ({all_gqa / (rwkv + kv):.1f}x the hybrid)")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    assert (full - split).abs().max() / scale < 1e-9 and (full - stepwise).abs().max() / scale < 1e-9
+
+
+def run_checkpoint(path, prompt, max_new_tokens, temperature, top_p):
+    import os
+    model = HRWKV7ForCausalLM.from_pretrained(path)
+    tok_path = os.path.join(path, "tokenizer.json")
+    if os.path.exists(tok_path):
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(tok_path)
+        ids = torch.tensor([tok.encode(prompt).ids])
+        out = model.generate(ids, max_new_tokens, temperature, top_p)
+        print(tok.decode(out[0].tolist()))
+    else:
+        ids = torch.tensor([[int(t) for t in prompt.split()]])
+        print("no tokenizer.json: the prompt is read as token ids")
+        print(model.generate(ids, max_new_tokens, temperature, top_p)[0].tolist())
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="hxa079 reference: demo on a tiny random model, or run a checkpoint")
+    ap.add_argument("--model", help="HF-layout checkpoint directory")
+    ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    args = ap.parse_args()
+    if args.model:
+        run_checkpoint(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p)
+    else:
+        demo()
+    sys.exit(0)
