@@ -365,14 +365,16 @@ class HRWKV7ForCausalLM(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "HRWKV7ForCausalLM":
-        """Load an HF-layout checkpoint directory (config.json + model.safetensors or a sharded index)."""
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None) -> "HRWKV7ForCausalLM":
+        """Load a checkpoint: an HF-layout directory (config.json + model.safetensors or a sharded
+        index), a .safetensors file or an RWKV-style .pth (see convert.load_checkpoint; `config` gives
+        or overrides config keys). Each tensor is cast to dtype as it is read from disk."""
         from convert import load_checkpoint
-        config, state_dict = load_checkpoint(path)
+        config, state_dict = load_checkpoint(path, config)            # a LazyStateDict: nothing read yet
         with torch.device("meta"):
             model = cls(config)
-        check_state_dict(model, state_dict)
-        state_dict = {key: t.to(dtype=dtype, device=device) for key, t in state_dict.items()}
+        check_state_dict(model, state_dict.refs())                    # shapes only
+        state_dict = {key: state_dict.load(key, dtype=dtype, device=device) for key in state_dict}
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.eval()
 
