@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -214,8 +215,15 @@ def _pth_refs(path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be loaded as a weights-only torch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        lines = str(e).splitlines() or [""]
+        if isinstance(e, pickle.UnpicklingError):
+            why = "its pickle asks for more than tensors and plain containers, and running it could execute code: "
+            why += next((ln.strip() for ln in lines if "global" in ln.lower()), "refused by the weights-only unpickler")
+        elif "mmap can only be used" in str(e):
+            why = "not in torch's zip format (needed to memory-map it); re-save it with torch.save"
+        else:
+            why = f"{type(e).__name__}: {lines[0]}"
+        raise ValueError(f"{path}: cannot be loaded as a weights-only torch checkpoint ({why})") from None
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise ValueError(f"{path}: expected a flat dict of name -> tensor")
     gqa = {int(m[1]) for k in sd for m in [re.match(r"blocks\.(\d+)\.att\.q_proj\.", k)] if m}
