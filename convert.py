@@ -438,6 +438,9 @@ def load_checkpoint(path, config=None):
 # Writing
 
 
+_WRITE_CHUNK = 16 * 2**20     # bytes cast and written at a time
+
+
 def _write_safetensors(path, items, metadata, progress=None) -> int:
     """Write [(name, TensorRef, out dtype)] as one safetensors file, loading one tensor at a time.
     The header comes from the refs' shapes; each tensor is checked against it as it is written.
@@ -456,13 +459,21 @@ def _write_safetensors(path, items, metadata, progress=None) -> int:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for name, ref, dtype in items:
-            t = ref.load(dtype=dtype, device="cpu").detach().contiguous()
-            if tuple(t.shape) != tuple(ref.shape) or t.dtype != dtype:
-                raise ValueError(f"{name}: loaded {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(ref.shape)}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy())
+            t = ref.load(device="cpu").detach()
+            if tuple(t.shape) != tuple(ref.shape) or not t.dtype.is_floating_point:
+                raise ValueError(f"{name}: loaded {t.dtype} {tuple(t.shape)}, expected a float {tuple(ref.shape)}")
+            flat = t.reshape(-1)
+            if flat.dtype == dtype:
+                f.write(flat.view(torch.uint8).numpy())
+            else:                                                # cast through one small buffer: no second copy
+                buf = torch.empty(_WRITE_CHUNK // dtype.itemsize, dtype=dtype)
+                for start in range(0, flat.numel(), buf.numel()):
+                    part = flat[start:start + buf.numel()]
+                    f.write(buf[:part.numel()].copy_(part).view(torch.uint8).numpy())
+                del part                                         # a view: it would keep the tensor alive
             if progress is not None:
-                progress.update(t.numel() * t.element_size())
-            del t
+                progress.update(flat.numel() * dtype.itemsize)
+            del t, flat                                          # (a memory-mapped tensor unmaps here)
         f.flush()
         os.fsync(f.fileno())
     return 8 + len(head) + offset
@@ -518,6 +529,9 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                                 # as os.makedirs would have made it
     written = 0
     try:
         with open(os.path.join(tmp, "config.json"), "w") as f:
