@@ -389,8 +389,8 @@ def _normalise_shapes(refs: dict, model) -> dict:
     out = {}
     for key, ref in refs.items():
         shape = want.get(key)
-        if (shape is not None and tuple(ref.shape) != shape and key.rsplit(".", 1)[-1] in ("w0", "a0", "v0", "k0", "r_k")
-                and math.prod(ref.shape) == math.prod(shape) and len(ref.shape) == 1):
+        flat = len(ref.shape) == 1 and key.rsplit(".", 1)[-1] in ("w0", "a0", "v0", "k0", "r_k")
+        if shape is not None and tuple(ref.shape) != shape and flat and math.prod(ref.shape) == math.prod(shape):
             ref = TensorRef(shape, ref.dtype, lambda fn=ref.fn, shape=shape: fn().reshape(shape), ref.where)
         out[key] = ref
     return out
@@ -549,10 +549,15 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
                      "weight_map": {name: fname for fname, names in zip(files, shards) for name in names}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
-        if os.path.lexists(out_dir):
+        if os.path.lexists(out_dir):                              # overwrite: move the old one aside first
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
+            os.rename(out_dir, os.path.join(old, "previous"))
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(os.path.join(old, "previous"), out_dir)
+                os.rmdir(old)
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out_dir)
@@ -617,7 +622,7 @@ def hxa079_init(name: str, layer: int, cfg: HRWKV7Config, seed: int = 0) -> torc
     elif name == "r_k":
         return torch.full((H, N), -0.04)
     elif name in ("w1", "a1", "v1", "k1", "g1"):
-        return torch.zeros(cfg.hidden_size, cfg.__getattribute__(_RANKS[name]))
+        return torch.zeros(cfg.hidden_size, getattr(cfg, _RANKS[name]))
     elif name in ("w2", "a2", "v2", "k2", "g2"):
         rows = getattr(cfg, _RANKS[name[0] + "1"])
         cols = K if name in ("v2", "k2") else A
@@ -658,12 +663,8 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
     has = lambda pattern: any(re.fullmatch(_LAYER + pattern, k) for k in trefs)  # noqa: E731
     if has(r"self_attn\.o_proj\.bias"):
         raise ValueError(f"{teacher_dir}: the teacher has o_proj biases; the hxa079 model has no output bias")
-    d = dict(tc)
+    d = {k: v for k, v in tc.items() if v is not None or k not in ("num_key_value_heads", "head_dim")}
     d.setdefault("num_key_value_heads", tc["num_attention_heads"])
-    if d.get("num_key_value_heads") is None:
-        d["num_key_value_heads"] = tc["num_attention_heads"]
-    if d.get("head_dim", 0) is None:
-        del d["head_dim"]
     d.update(tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
              attention_bias=has(r"self_attn\.[qkv]_proj\.bias"), enable_qk_norm=has(r"self_attn\.[qk]_norm\.weight"),
              transformer_layers=sorted(int(i) for i in transformer_layers), rwkv_architecture="hxa079")
@@ -684,8 +685,8 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
         if m and not cfg.is_gqa(int(m[1])):
             layer, name, suffix = int(m[1]), m[2], m[3]
             if name not in _FROM_TEACHER:           # a new parameter
-                refs[key] = TensorRef(tuple(p.shape), dtype, lambda n=name, i=layer: hxa079_init(n, i, cfg, seed).to(dtype),
-                                      f"hxa079 init of {key}")
+                refs[key] = TensorRef(tuple(p.shape), dtype, where=f"hxa079 init of {key}",
+                                      fn=lambda n=name, i=layer: hxa079_init(n, i, cfg, seed).to(dtype))
                 continue
             tname, slot = _FROM_TEACHER[name]
             src, scale = f"model.layers.{layer}.self_attn.{tname}{suffix}", (None if slot is None else qkvo_scale[slot])

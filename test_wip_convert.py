@@ -387,9 +387,9 @@ def _conv_teacher(path, kind, dtype=torch.bfloat16, seed=0):
                        p + "self_attn.v_proj.bias": r(KV * N)})
         if kind == "qwen3":
             sd.update({p + "self_attn.q_norm.weight": 1 + r(N), p + "self_attn.k_norm.weight": 1 + r(N)})
-    tc = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]],
-          "model_type": kind, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H,
-          "num_key_value_heads": KV, "intermediate_size": I, "vocab_size": V, "rms_norm_eps": 1e-6,
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
+    tc = {"architectures": [arch], "model_type": kind, "hidden_size": C, "num_hidden_layers": L,
+          "num_attention_heads": H, "num_key_value_heads": KV, "intermediate_size": I, "vocab_size": V, "rms_norm_eps": 1e-6,
           "rope_theta": 1e6, "tie_word_embeddings": tied, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
     if kind == "llama":
         tc["attention_bias"] = False
@@ -435,7 +435,8 @@ def test_teacher_init_values_follow_the_formulas(tmp_path):
     cfg, sd = load_checkpoint(tmp_path / "s")
     _, teacher = _conv_teacher(tmp_path / "again", "llama", dtype=torch.float32)
     for old, new in [("q_proj", "receptance"), ("k_proj", "key"), ("v_proj", "value"), ("o_proj", "output")]:
-        assert torch.equal(sd[f"model.layers.0.self_attn.{new}.weight"], teacher[f"model.layers.0.self_attn.{old}.weight"])
+        p = "model.layers.0.self_attn."
+        assert torch.equal(sd[f"{p}{new}.weight"], teacher[f"{p}{old}.weight"])
     assert (cfg.lora_rank_decay, cfg.lora_rank_gate, cfg.lora_rank_iclr) == (16, 8, 32)
     A, N, L = 32, 8, 4
     for layer in (0, 3):
@@ -445,7 +446,9 @@ def test_teacher_init_values_follow_the_formulas(tmp_path):
         # channel 0: zigzag -1, linear -0.5; channel A-1: zigzag +1, linear +0.5
         assert w0[0].item() == pytest.approx(-6 + 0.5 - 2.5, abs=1e-6)
         assert w0[-1].item() == pytest.approx(-6 + 6 + 0.5 + 2.5, abs=1e-6)
-        assert w0[9].item() == pytest.approx(-6 + 6 * (9 / 31) ** (1 + ratio ** 0.3) + 0.5 + 2.5 * (-5 / 7) * (5 / 7), abs=1e-6)
+        zigzag9 = -(5 / 7) ** 2                                    # channel 9: (9 mod 8) = 1, z = (1 - 3.5) / 3.5
+        expect = -6 + 6 * (9 / 31) ** (1 + ratio ** 0.3) + 0.5 + 2.5 * zigzag9
+        assert w0[9].item() == pytest.approx(expect, abs=1e-6)
         assert a0[0].item() == pytest.approx(-0.19 - 0.3 - 0.2, abs=1e-6)
         assert a0[-1].item() == pytest.approx(-0.19 + 0.3 + 0.2, abs=1e-6)
         assert torch.all(sd[p + "v0"] == torch.tensor(0.73)) and torch.all(sd[p + "k0"] == torch.tensor(0.73))
@@ -469,7 +472,8 @@ def test_teacher_problems_and_cli(tmp_path, capsys):
                                         "lora_rank_value_residual_mix": 96, "lora_rank_key_residual_mix": 96,
                                         "lora_rank_gate": 384}
     tc, sd = _conv_teacher(tmp_path / "t", "llama")
-    convert.main(["from-teacher", str(tmp_path / "t"), str(tmp_path / "s"), "--transformer-layers", "1,3", "--seed", "2"])
+    convert.main(["from-teacher", str(tmp_path / "t"), str(tmp_path / "s"), "--transformer-layers", "1,3",
+                  "--seed", "2"])
     assert "2 RWKV + 2 GQA  (RGRG" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "s")[0].transformer_layers == [1, 3]
     sd["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(32)
