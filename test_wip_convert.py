@@ -389,8 +389,9 @@ def _conv_teacher(path, kind, dtype=torch.bfloat16, seed=0):
             sd.update({p + "self_attn.q_norm.weight": 1 + r(N), p + "self_attn.k_norm.weight": 1 + r(N)})
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
     tc = {"architectures": [arch], "model_type": kind, "hidden_size": C, "num_hidden_layers": L,
-          "num_attention_heads": H, "num_key_value_heads": KV, "intermediate_size": I, "vocab_size": V, "rms_norm_eps": 1e-6,
-          "rope_theta": 1e6, "tie_word_embeddings": tied, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
+          "num_attention_heads": H, "num_key_value_heads": KV, "intermediate_size": I, "vocab_size": V,
+          "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": tied, "max_position_embeddings": 4096,
+          "torch_dtype": "bfloat16"}
     if kind == "llama":
         tc["attention_bias"] = False
     if kind == "qwen3":
