@@ -309,29 +309,35 @@ def resolve_config(shapes: dict, given: Optional[dict], where: str) -> HRWKV7Con
     if given.get("head_dim", 0) is None:
         del given["head_dim"]
     got, why, geo = _infer_from_shapes(shapes)
-    hidden, given_h = given.get("hidden_size", got.get("hidden_size")), given.get("num_attention_heads")
-    given_n = given.get("head_dim", hidden // given_h if isinstance(hidden, int) and isinstance(given_h, int)
-                        and given_h > 0 else None)                   # the head size the config implies (HF rule)
+
+    def check(field, value, given_value, because):
+        if field == "transformer_layers" and isinstance(given_value, (list, tuple)):
+            given_value = sorted(given_value)
+        if given_value is not None and given_value != value:
+            raise ValueError(f"{where}: the config says {field}={given_value!r} but the weights say {value!r} "
+                             f"({because})")
+
+    for field, value in got.items():
+        check(field, value, given.get(field), why[field])
+    # the head size: from the weights (r_k, a per-head norm) or else from the config (HF rule: head_dim,
+    # else hidden_size // num_attention_heads); then H and KV from the projection widths
+    hidden, heads = given.get("hidden_size", got.get("hidden_size")), given.get("num_attention_heads")
+    given_n = given.get("head_dim", hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
+                        and heads > 0 else None)
     A, K, N = geo["A"], geo["K"], geo["N"]
     if N is None:
         N = given_n
-    elif given_n is not None and given_n != N:
-        raise ValueError(f"{where}: the config says head_dim={given_n!r} (head size) but the weights say {N!r} "
-                         f"({why['head_dim']})")
+    else:
+        check("head_dim", N, given_n, why["head_dim"] if "head_dim" in given else
+              f"{why['head_dim']}; without head_dim the config implies hidden_size // num_attention_heads")
     if isinstance(N, int) and N > 0 and A is not None:
         if A % N or K % N:
             raise ValueError(f"{where}: head size {N} does not divide the projection widths {A} and {K} "
                              f"({why['widths']})")
-        if "num_attention_heads" not in got:
-            got["num_attention_heads"], why["num_attention_heads"] = A // N, f"{why['widths']}, head size {N}"
-        got["num_key_value_heads"], why["num_key_value_heads"] = K // N, f"{why['widths']}, head size {N}"
-    for field, value in got.items():
-        mine = given.get(field, value)
-        if field == "transformer_layers" and isinstance(mine, (list, tuple)):
-            mine = sorted(mine)
-        if mine != value:
-            raise ValueError(f"{where}: the config says {field}={given[field]!r} but the weights say {value!r} "
-                             f"({why[field]})")
+        for field, value in (("num_attention_heads", A // N), ("num_key_value_heads", K // N)):
+            if field not in got:
+                got[field], why[field] = value, f"{why['widths']}, head size {N}"
+                check(field, value, given.get(field), why[field])
     merged = {**given, **got}
     if "head_dim" not in merged and N is not None and "num_attention_heads" not in given:
         merged["head_dim"] = N                                       # inferred: written out explicitly

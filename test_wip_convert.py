@@ -290,7 +290,8 @@ def test_config_contradicting_the_weights_names_field_and_values(tmp_path):
     for override, pattern in [({"num_key_value_heads": 4}, r"num_key_value_heads=4 but the weights say 2"),
                               ({"hidden_size": 64}, r"hidden_size=64 but the weights say 48"),
                               ({"transformer_layers": [1]}, r"transformer_layers=\[1\] but the weights say \[2\]"),
-                              ({"head_dim": 6}, r"head_dim=6 .* but the weights say 12"),
+                              ({"head_dim": 6}, r"head_dim=6 but the weights say 12 \(.*r_k \[4, 12\]\)"),
+                              ({"num_attention_heads": 8}, r"num_attention_heads=8 but the weights say 4"),
                               ({"tie_word_embeddings": True}, r"tie_word_embeddings=True but the weights say False"),
                               ({"lora_rank_gate": 16}, r"lora_rank_gate=16 but the weights say 8")]:
         with pytest.raises(ValueError, match=pattern):
