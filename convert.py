@@ -12,10 +12,10 @@ Laziness (how a 40 GB checkpoint converts in bounded memory). `load_checkpoint` 
 file headers: it returns a `LazyStateDict`, a read-only mapping whose `sd[key]` reads that one
 tensor from disk on each access (nothing is cached), and whose `sd.ref(key)` is a `TensorRef`
 (shape, dtype, `load(dtype, device)`) that reads nothing until loaded. `save_checkpoint` accepts a
-mapping whose values are tensors or TensorRefs; it writes the safetensors header from shapes and
-dtypes alone, then loads, casts and writes each tensor and lets it go, so the peak is about one
-tensor (two while it is cast), whatever the shard size. `from_pretrained` loads each tensor cast to
-the requested dtype as it arrives.
+mapping whose values are tensors or TensorRefs; it writes each safetensors header from shapes and
+dtypes alone (safetensors' own writer wants a whole shard in memory), then loads each tensor, writes
+it (cast through a 16 MiB buffer) and lets it go: the peak is about the largest tensor, whatever the
+shard sizes. `from_pretrained` loads each tensor cast to the requested dtype as it arrives.
 
 Every check runs before anything is written: names and shapes against the config (`check_state_dict`
 on a meta-device model), dtypes (floating point only), index entries (inside the checkpoint
