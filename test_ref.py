@@ -8,15 +8,20 @@ float64 implementation of the spec, and bad input against clear errors.
 import json
 import math
 import os
+import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from hrwkv7_ref import (TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, apply_rope, rope_cos_sin,
-                        state_bytes)
+import convert
+from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,
+                     parse_size, save_checkpoint)
+from hrwkv7_ref import TINY, HRWKV7Config, HRWKV7ForCausalLM, apply_rope, rope_cos_sin, state_bytes
 from wkv_kernel import wkv7, wkv7_naive
 
 settings.register_profile("ci", max_examples=10, deadline=None,
@@ -76,8 +81,7 @@ def test_naive_state_dtype():
 
 def _oracle_logits(sd, cfg, ids):
     g = lambda name: sd[name].double()  # noqa: E731
-    C, H, KV, N, L = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size,
-                      cfg.num_hidden_layers)
+    H, KV, N, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers
     eps = cfg.rms_norm_eps
 
     def rms(x, wt):
@@ -354,30 +358,12 @@ def test_wkv_bad_inputs():
 # Loading
 
 
-def _save_hf(model, cfg, path, shards=1):
-    from safetensors.torch import save_file
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if shards == 1:
-        save_file(sd, str(path / "model.safetensors"))
-        return
-    keys = sorted(sd)
-    weight_map = {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: sd[k] for k in keys[s::shards]}
-        save_file(part, str(path / name))
-        weight_map.update({k: name for k in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
 @pytest.mark.parametrize("shards", [1, 3])
 def test_from_pretrained_float64_matches_oracle(tmp_path, shards):
     cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [0, 3], "enable_qk_norm": True,
                                   "attention_bias": True})
     src = _tiny_model(cfg, seed=3)
-    _save_hf(src, cfg, tmp_path / "ckpt", shards)
+    _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards)
     model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (1, 5))
@@ -390,8 +376,7 @@ def test_from_pretrained_float64_matches_oracle(tmp_path, shards):
 def test_from_pretrained_names_bad_tensors(tmp_path):
     cfg = HRWKV7Config.from_dict(TINY)
     src = _tiny_model(cfg)
-    _save_hf(src, cfg, tmp_path / "ok")
-    from safetensors.torch import load_file, save_file
+    _save_hf(tmp_path / "ok", cfg, src.state_dict())
     sd = load_file(str(tmp_path / "ok" / "model.safetensors"))
     for what, mutate in [("missing tensor model.layers.1.self_attn.w1", lambda d: d.pop("model.layers.1.self_attn.w1")),
                          ("unexpected tensor model.layers.1.self_attn.extra",
@@ -431,3 +416,482 @@ def test_state_bytes_formula_matches_a_real_state():
         _, state = model(torch.randint(0, cfg.vocab_size, (3, 7)))
     rwkv, kv = state_bytes(cfg, 7, batch=3, kv_bytes=4, state_bytes_per=4)
     assert state.nbytes() == {"rwkv_state": rwkv, "kv_cache": kv}
+
+
+# =============================================================================
+# convert.py: exact round trips (.pth -> HF -> load, sharded, cast), teacher initialisation,
+# and every bad input refused with an error that names it. Synthetic tiny checkpoints only.
+
+_CONV_SETTINGS = settings(max_examples=5, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_CONV_EPS_THETA = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+def _conv_model(cfg_dict, seed=0):
+    cfg = HRWKV7Config.from_dict(cfg_dict)
+    return cfg, HRWKV7ForCausalLM(cfg).init_random(seed=seed).eval()
+
+
+def _conv_pth_name(key, flat=False, value=None):
+    """HF name -> RWKV-style .pth name (the table in HXA079.md), optionally storing w0/a0/v0/k0 as [D]
+    and r_k as [H*N]."""
+    for old, new in [("model.embed_tokens.", "emb."), ("model.norm.", "ln_out."), ("lm_head.", "head."),
+                     ("model.layers.", "blocks."), ("self_attn.", "att."), ("mlp.", "ffn."), ("gate_proj", "gate"),
+                     ("up_proj", "up"), ("down_proj", "down"), ("input_layernorm", "ln1"),
+                     ("post_attention_layernorm", "ln2"), ("r_norm.", "ln_r."), ("q_norm.", "ln_r."),
+                     ("k_norm.", "ln_k.")]:
+        key = key.replace(old, new)
+    if flat and value is not None and key.rsplit(".", 1)[-1] in ("w0", "a0", "v0", "k0", "r_k"):
+        value = value.reshape(-1)
+    return key, value
+
+
+def _conv_pth(model, path, flat=False):
+    sd = dict(_conv_pth_name(k, flat, v) for k, v in model.state_dict().items())
+    cfg = model.config
+    for i in range(cfg.num_hidden_layers):
+        if not cfg.is_gqa(i):
+            sd[f"blocks.{i}.att.layer_architecture"] = torch.tensor(78.0)
+            sd[f"blocks.{i}.att.head_size_record"] = torch.tensor(float(cfg.head_size))
+    torch.save(sd, path)
+    return sd
+
+
+def _save_hf(path, cfg, sd, shards=1, write_config=True):
+    """An HF directory written with safetensors' own writer (independent of convert.py)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if write_config:
+        (path / "config.json").write_text(json.dumps(cfg.to_dict() if isinstance(cfg, HRWKV7Config) else cfg))
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if shards == 1:
+        save_file(sd, str(path / "model.safetensors"))
+        return path
+    keys, weight_map = sorted(sd), {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: sd[k] for k in keys[s::shards]}, str(path / name))
+        weight_map.update({k: name for k in keys[s::shards]})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def _conv_equal(sd_a, sd_b):
+    assert sorted(sd_a) == sorted(sd_b)
+    for k in sd_a:
+        a, b = sd_a[k], sd_b[k]
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), k
+
+
+def _conv_logits(model, cfg, seed=1):
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids)[0]
+
+
+# -----------------------------------------------------------------------------
+# Round trips
+
+
+@_CONV_SETTINGS
+@given(gqa=st.sets(st.integers(0, 3), max_size=2), qk_norm=st.booleans(), bias=st.booleans(), tie=st.booleans(),
+       flat=st.booleans(), shard_kib=st.sampled_from([None, 8, 40, 1000]))
+def test_pth_to_hf_round_trip_is_exact(tmp_path_factory, gqa, qk_norm, bias, tie, flat, shard_kib):
+    tmp = tmp_path_factory.mktemp("rt")
+    cfg, model = _conv_model({**TINY, "transformer_layers": sorted(gqa), "enable_qk_norm": qk_norm,
+                              "attention_bias": bias, "tie_word_embeddings": tie})
+    _conv_pth(model, tmp / "m.pth", flat)
+    if flat and not qk_norm and len(gqa) < 4:       # a flat r_k and no per-head norm: the head size must be given
+        with pytest.raises(ValueError, match=r"cannot infer num_attention_heads, num_key_value_heads, head_dim"):
+            load_checkpoint(tmp / "m.pth", _CONV_EPS_THETA)
+    got_cfg, sd = load_checkpoint(tmp / "m.pth", {**_CONV_EPS_THETA, "head_dim": 12})
+    assert got_cfg == cfg
+    assert isinstance(sd, LazyStateDict)
+    _conv_equal(dict(sd), model.state_dict())
+    summary = save_checkpoint(tmp / "hf", got_cfg, sd, max_shard_bytes=shard_kib and shard_kib * 1024)
+    cfg2, sd2 = load_checkpoint(tmp / "hf")
+    assert cfg2 == cfg and json.loads((tmp / "hf" / "config.json").read_text()) == cfg.to_dict()
+    _conv_equal(dict(sd2), model.state_dict())
+    assert (len(summary["files"]) > 1) == (tmp / "hf" / "model.safetensors.index.json").exists()
+    loaded = HRWKV7ForCausalLM.from_pretrained(tmp / "hf")
+    assert torch.equal(_conv_logits(loaded, cfg), _conv_logits(model, cfg))
+
+
+def test_ln_r_becomes_q_norm_in_gqa_layers_and_r_norm_in_rwkv_layers(tmp_path):
+    cfg, model = _conv_model({**TINY, "transformer_layers": [1], "enable_qk_norm": True})
+    pth = _conv_pth(model, tmp_path / "m.pth")
+    assert "blocks.1.att.ln_r.weight" in pth and "blocks.0.att.ln_r.weight" in pth
+    _, sd = load_checkpoint(tmp_path / "m.pth", _CONV_EPS_THETA)
+    assert torch.equal(sd["model.layers.1.self_attn.q_norm.weight"], pth["blocks.1.att.ln_r.weight"])
+    assert torch.equal(sd["model.layers.0.self_attn.r_norm.weight"], pth["blocks.0.att.ln_r.weight"])
+    assert torch.equal(sd["model.layers.1.self_attn.k_norm.weight"], pth["blocks.1.att.ln_k.weight"])
+    assert not any("layer_architecture" in k or "head_size_record" in k for k in sd)
+
+
+def test_flat_vectors_are_reshaped(tmp_path):
+    cfg, model = _conv_model(TINY)
+    _conv_pth(model, tmp_path / "m.pth", flat=True)
+    _, sd = load_checkpoint(tmp_path / "m.pth", {**_CONV_EPS_THETA, "num_attention_heads": 4})
+    assert sd.ref("model.layers.0.self_attn.w0").shape == (1, 1, 48)
+    assert sd["model.layers.0.self_attn.r_k"].shape == (4, 12)
+    # the same in an HF file
+    hf_sd = {k: (v.reshape(-1) if k.endswith(("w0", "a0", "v0", "k0", "r_k")) else v)
+             for k, v in model.state_dict().items()}
+    _save_hf(tmp_path / "hf", cfg, hf_sd)
+    _, sd = load_checkpoint(tmp_path / "hf")
+    _conv_equal(dict(sd), model.state_dict())
+
+
+def test_sharded_layout_is_hf_format(tmp_path):
+    cfg, model = _conv_model({**TINY, "transformer_layers": [0, 3]})
+    limit = 30_000
+    summary = save_checkpoint(tmp_path / "out", cfg, model.state_dict(), max_shard_bytes=limit)
+    n = len(summary["files"])
+    assert n > 2 and summary["files"] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    sd = model.state_dict()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sd.values())
+    assert set(index["weight_map"]) == set(sd) and set(index["weight_map"].values()) == set(summary["files"])
+    merged = {}
+    for f in summary["files"]:
+        part = load_file(str(tmp_path / "out" / f))                 # safetensors' own reader
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= limit or len(part) == 1
+        with safe_open(str(tmp_path / "out" / f), "pt") as h:
+            assert h.metadata() == {"format": "pt"}
+        merged.update(part)
+    _conv_equal(merged, sd)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["out"]                  # no temporary directory left
+
+
+def test_dtype_cast_bf16_and_float64_loading(tmp_path):
+    cfg, model = _conv_model({**TINY, "enable_qk_norm": True, "attention_bias": True})
+    _save_hf(tmp_path / "src", cfg, model.state_dict(), shards=3)
+    _, sd = load_checkpoint(tmp_path / "src")
+    save_checkpoint(tmp_path / "bf16", cfg, sd, dtype=torch.bfloat16, max_shard_bytes=50_000)
+    _, sd16 = load_checkpoint(tmp_path / "bf16")
+    _conv_equal(dict(sd16), {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    m64 = HRWKV7ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m64.state_dict().values())
+    assert all(torch.equal(p, model.state_dict()[k].to(torch.bfloat16).double()) for k, p in m64.state_dict().items())
+    assert _conv_logits(m64, cfg).dtype == torch.float64
+
+
+def test_single_safetensors_file_config_from_arg_beside_or_shapes(tmp_path):
+    cfg, model = _conv_model({**TINY, "tie_word_embeddings": True})
+    _save_hf(tmp_path / "a", cfg, model.state_dict(), write_config=False)
+    f = tmp_path / "a" / "model.safetensors"
+    with pytest.raises(ValueError, match=r"cannot infer rms_norm_eps, rope_theta;"):
+        load_checkpoint(f)
+    got, sd = load_checkpoint(f, _CONV_EPS_THETA)                  # everything else from the shapes
+    assert got == cfg
+    got, _ = load_checkpoint(f, cfg)
+    assert got == cfg
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg.to_dict(), "rope_theta": 5e5, "my_key": [1]}))
+    got, _ = load_checkpoint(f)                                     # config.json beside it, unknown keys kept
+    assert got.rope_theta == 5e5 and got.extra == {"my_key": [1]}
+
+
+def test_no_rwkv_layer_needs_the_head_size(tmp_path):
+    cfg, model = _conv_model({**TINY, "transformer_layers": [0, 1, 2, 3]})
+    _conv_pth(model, tmp_path / "m.pth")
+    with pytest.raises(ValueError, match=r"cannot infer num_attention_heads, num_key_value_heads, head_dim"):
+        load_checkpoint(tmp_path / "m.pth", _CONV_EPS_THETA)
+    for extra in ({"num_attention_heads": 4}, {"head_dim": 12}):
+        got, sd = load_checkpoint(tmp_path / "m.pth", {**_CONV_EPS_THETA, **extra})
+        assert (got.num_attention_heads, got.num_key_value_heads, got.head_size) == (4, 2, 12)
+        _conv_equal(dict(sd), model.state_dict())
+
+
+def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
+    cfg, model = _conv_model(TINY)
+    _conv_pth(model, tmp_path / "m.pth")
+    argv = [str(tmp_path / "m.pth"), str(tmp_path / "out"), "--set", "rms_norm_eps=1e-5", "--set", "rope_theta=1e4",
+            "--set", "note=hello", "--dtype", "bfloat16", "--max-shard-size", "60kB"]
+    summary = convert.main(argv)
+    out = capsys.readouterr().out
+    assert "3 RWKV + 1 GQA" in out and f"{sum(p.numel() for p in model.parameters()):,}" in out
+    assert str(summary["bytes_written"]) in out.replace(",", "")
+    assert summary["bytes_written"] == sum(os.path.getsize(tmp_path / "out" / f) for f in summary["files"])
+    got, sd = load_checkpoint(tmp_path / "out")
+    assert got.extra == {"note": "hello"} and len(summary["files"]) > 1
+    _conv_equal(dict(sd), {k: v.bfloat16() for k, v in model.state_dict().items()})
+    with pytest.raises(FileExistsError, match="--force"):
+        convert.main(argv)
+    convert.main(argv[:-4] + ["--force"])                            # float32, one file
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "ABS", "link.safetensors"])
+def test_index_entry_outside_the_directory_is_refused(tmp_path, entry):
+    cfg, model = _conv_model(TINY)
+    ckpt = _save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "outside.safetensors"))
+    if entry == "ABS":
+        entry = str(tmp_path / "outside.safetensors")
+    if entry == "link.safetensors":
+        os.symlink(tmp_path / "outside.safetensors", ckpt / entry)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = entry
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weight_map entry 'model\.norm\.weight'.*(points outside|not a relative)"):
+        load_checkpoint(ckpt)
+
+
+def test_missing_unexpected_and_wrong_shape_name_the_tensor(tmp_path):
+    cfg, model = _conv_model(TINY)
+    sd = model.state_dict()
+    bad = {k: v for k, v in sd.items() if k != "model.layers.3.mlp.up_proj.weight"}
+    bad["model.layers.0.self_attn.bonus"] = torch.zeros(3)
+    bad["model.norm.weight"] = torch.ones(47)
+    _save_hf(tmp_path / "bad", cfg, bad)
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(tmp_path / "bad")
+    msg = str(e.value)
+    assert "missing tensor model.layers.3.mlp.up_proj.weight" in msg
+    assert "unexpected tensor model.layers.0.self_attn.bonus" in msg
+    assert "model.norm.weight: checkpoint (47,) vs model (48,)" in msg
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.3\.mlp\.up_proj\.weight"):
+        save_checkpoint(tmp_path / "out", cfg, bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_or_bool_weights_are_refused(tmp_path):
+    cfg, model = _conv_model(TINY)
+    sd = dict(model.state_dict())
+    sd["model.layers.1.self_attn.w1"] = sd["model.layers.1.self_attn.w1"].to(torch.int32)
+    sd["model.norm.weight"] = sd["model.norm.weight"] > 0
+    _save_hf(tmp_path / "ints", cfg, sd)
+    with pytest.raises(ValueError, match=r"(?s)cannot be cast.*model\.layers\.1\.self_attn\.w1: torch\.int32.*"
+                                         r"model\.norm\.weight: torch\.bool"):
+        load_checkpoint(tmp_path / "ints")
+    with pytest.raises(ValueError, match=r"model\.norm\.weight: torch\.bool"):
+        save_checkpoint(tmp_path / "out", cfg, sd)
+
+
+def test_truncated_or_corrupt_safetensors_names_the_file(tmp_path):
+    cfg, model = _conv_model(TINY)
+    ckpt = _save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=3)
+    shard = ckpt / "model-00002-of-00003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=r"model-00002-of-00003\.safetensors: not a valid safetensors file"):
+        load_checkpoint(ckpt)
+    shard.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match=r"model-00002-of-00003\.safetensors: not a valid safetensors file"):
+        load_checkpoint(ckpt)
+
+
+def test_config_contradicting_the_weights_names_field_and_values(tmp_path):
+    cfg, model = _conv_model({**TINY, "transformer_layers": [2]})
+    _conv_pth(model, tmp_path / "m.pth")
+    for override, pattern in [({"num_key_value_heads": 4}, r"num_key_value_heads=4 but the weights say 2"),
+                              ({"hidden_size": 64}, r"hidden_size=64 but the weights say 48"),
+                              ({"transformer_layers": [1]}, r"transformer_layers=\[1\] but the weights say \[2\]"),
+                              ({"head_dim": 6}, r"head_dim=6 but the weights say 12 \(.*r_k \[4, 12\]\)"),
+                              ({"num_attention_heads": 8}, r"num_attention_heads=8 but the weights say 4"),
+                              ({"tie_word_embeddings": True}, r"tie_word_embeddings=True but the weights say False"),
+                              ({"lora_rank_gate": 16}, r"lora_rank_gate=16 but the weights say 8")]:
+        with pytest.raises(ValueError, match=pattern):
+            load_checkpoint(tmp_path / "m.pth", {**_CONV_EPS_THETA, **override})
+    _save_hf(tmp_path / "hf", {**cfg.to_dict(), "enable_qk_norm": True}, model.state_dict())
+    with pytest.raises(ValueError, match=r"enable_qk_norm=True but the weights say False"):
+        load_checkpoint(tmp_path / "hf")
+
+
+class _ConvEvil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_pth_whose_pickle_would_run_code_is_refused(tmp_path, how):
+    marker = tmp_path / "pwned"
+    payload = {"emb.weight": torch.zeros(4, 2), "blocks.0.att.r_k": _ConvEvil(marker)}
+    if how == "torch.save":
+        torch.save(payload, tmp_path / "evil.pth")
+    else:
+        with open(tmp_path / "evil.pth", "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises(ValueError, match=r"evil\.pth: cannot be loaded as a weights-only torch checkpoint"):
+        load_checkpoint(tmp_path / "evil.pth", _CONV_EPS_THETA)
+    assert not marker.exists()
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path):
+    cfg, model = _conv_model(TINY)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_checkpoint(tmp_path / "out", cfg, model.state_dict())
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    save_checkpoint(tmp_path / "out", cfg, model.state_dict(), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_failure_while_writing_leaves_nothing_half_written(tmp_path):
+    cfg, model = _conv_model(TINY)
+    sd = dict(model.state_dict())
+
+    def boom():
+        raise OSError("disk went away")
+    key = "model.layers.3.mlp.down_proj.weight"
+    sd[key] = TensorRef(tuple(sd[key].shape), torch.float32, boom, key)
+    with pytest.raises(OSError, match="disk went away"):
+        save_checkpoint(tmp_path / "out", cfg, sd, max_shard_bytes=20_000)
+    assert os.listdir(tmp_path) == []
+    # an existing checkpoint survives a failed overwrite
+    save_checkpoint(tmp_path / "out", cfg, model.state_dict())
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "out", cfg, sd, overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before and os.listdir(tmp_path) == ["out"]
+    # a source shard damaged after the (lazy) load: the error names it, nothing is written
+    _save_hf(tmp_path / "src", cfg, model.state_dict(), shards=2)
+    _, lazy = load_checkpoint(tmp_path / "src")
+    shard = tmp_path / "src" / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"model-00002-of-00002\.safetensors: not a valid safetensors file"):
+        save_checkpoint(tmp_path / "new", cfg, lazy)
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+# -----------------------------------------------------------------------------
+# Initialisation from a teacher
+
+
+def _conv_teacher(path, kind, dtype=torch.bfloat16, seed=0):
+    """A tiny Llama / Qwen2 (q/k/v biases, no flag, tied) / Qwen3 (q_norm/k_norm, head_dim != C/H) checkpoint."""
+    C, L, H, KV, I, V = 32, 4, 4, 2, 48, 40
+    N = 12 if kind == "qwen3" else C // H
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)  # noqa: E731
+    tied = kind == "qwen2"
+    sd = {"model.embed_tokens.weight": r(V, C), "model.norm.weight": 1 + r(C)}
+    if not tied:
+        sd["lm_head.weight"] = r(V, C)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        sd.update({p + "input_layernorm.weight": 1 + r(C), p + "post_attention_layernorm.weight": 1 + r(C),
+                   p + "self_attn.q_proj.weight": r(H * N, C), p + "self_attn.k_proj.weight": r(KV * N, C),
+                   p + "self_attn.v_proj.weight": r(KV * N, C), p + "self_attn.o_proj.weight": r(C, H * N),
+                   p + "mlp.gate_proj.weight": r(I, C), p + "mlp.up_proj.weight": r(I, C),
+                   p + "mlp.down_proj.weight": r(C, I)})
+        if kind == "qwen2":
+            sd.update({p + "self_attn.q_proj.bias": r(H * N), p + "self_attn.k_proj.bias": r(KV * N),
+                       p + "self_attn.v_proj.bias": r(KV * N)})
+        if kind == "qwen3":
+            sd.update({p + "self_attn.q_norm.weight": 1 + r(N), p + "self_attn.k_norm.weight": 1 + r(N)})
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
+    tc = {"architectures": [arch], "model_type": kind, "hidden_size": C, "num_hidden_layers": L,
+          "num_attention_heads": H, "num_key_value_heads": KV, "intermediate_size": I, "vocab_size": V,
+          "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": tied, "max_position_embeddings": 4096,
+          "torch_dtype": "bfloat16"}
+    if kind == "llama":
+        tc["attention_bias"] = False
+    if kind == "qwen3":
+        tc["head_dim"] = N
+    _save_hf(path, tc, sd, shards=2)
+    return tc, sd
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_init_from_teacher(tmp_path, kind):
+    tc, teacher = _conv_teacher(tmp_path / "teacher", kind)
+    init_from_teacher(tmp_path / "teacher", tmp_path / "student", [1], seed=3, max_shard_bytes=40_000)
+    cfg, sd = load_checkpoint(tmp_path / "student")
+    assert (cfg.rwkv_architecture, cfg.transformer_layers, cfg.num_hidden_layers) == ("hxa079", [1], 4)
+    assert cfg.attention_bias == (kind == "qwen2") and cfg.enable_qk_norm == (kind == "qwen3")
+    assert cfg.tie_word_embeddings == (kind == "qwen2") and cfg.head_size == (12 if kind == "qwen3" else 8)
+    assert (cfg.rms_norm_eps, cfg.rope_theta) == (1e-6, 1e6)
+    assert cfg.extra["model_type"] == kind and cfg.extra["max_position_embeddings"] == 4096
+    A = cfg.num_attention_heads * cfg.head_size
+    assert {k: getattr(cfg, k) for k in default_lora_ranks(A)} == default_lora_ranks(A)
+    shapes = {k: tuple(v.shape) for k, v in HRWKV7ForCausalLM(cfg).state_dict().items()}
+    assert {k: sd.ref(k).shape for k in sd} == shapes and all(sd.ref(k).dtype == torch.bfloat16 for k in sd)
+    scale = {"receptance": ("q_proj", 0.5), "key": ("k_proj", 0.5), "value": ("v_proj", 0.3),
+             "output": ("o_proj", 0.5), "r_norm": ("q_norm", 1), "k_norm": ("k_norm", 1)}
+    for key in sd:
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        name = key.split(".")[4] if ".self_attn." in key else None
+        if name is None or layer == "1":                           # copied bit for bit
+            assert torch.equal(sd[key], teacher[key]), key
+        elif name in scale:
+            src, s = scale[name]
+            expect = (teacher[key.replace(name, src)].float() * s).bfloat16()
+            assert torch.equal(sd[key], expect), key
+    student = HRWKV7ForCausalLM.from_pretrained(tmp_path / "student")
+    assert _conv_logits(student, cfg).isfinite().all()
+
+
+def test_teacher_init_values_follow_the_formulas(tmp_path):
+    _conv_teacher(tmp_path / "teacher", "llama", dtype=torch.float32)
+    init_from_teacher(tmp_path / "teacher", tmp_path / "s", [2], ranks={"lora_rank_decay": 16, "lora_rank_gate": 8},
+                      qkvo_scale=(1, 1, 1, 1))
+    cfg, sd = load_checkpoint(tmp_path / "s")
+    _, teacher = _conv_teacher(tmp_path / "again", "llama", dtype=torch.float32)
+    for old, new in [("q_proj", "receptance"), ("k_proj", "key"), ("v_proj", "value"), ("o_proj", "output")]:
+        p = "model.layers.0.self_attn."
+        assert torch.equal(sd[f"{p}{new}.weight"], teacher[f"{p}{old}.weight"])
+    assert (cfg.lora_rank_decay, cfg.lora_rank_gate, cfg.lora_rank_iclr) == (16, 8, 32)
+    A, N, L = 32, 8, 4
+    for layer in (0, 3):
+        p = f"model.layers.{layer}.self_attn."
+        w0, a0 = sd[p + "w0"][0, 0].double(), sd[p + "a0"][0, 0].double()
+        ratio = layer / (L - 1)
+        # channel 0: zigzag -1, linear -0.5; channel A-1: zigzag +1, linear +0.5
+        assert w0[0].item() == pytest.approx(-6 + 0.5 - 2.5, abs=1e-6)
+        assert w0[-1].item() == pytest.approx(-6 + 6 + 0.5 + 2.5, abs=1e-6)
+        zigzag9 = -(5 / 7) ** 2                                    # channel 9: (9 mod 8) = 1, z = (1 - 3.5) / 3.5
+        expect = -6 + 6 * (9 / 31) ** (1 + ratio ** 0.3) + 0.5 + 2.5 * zigzag9
+        assert w0[9].item() == pytest.approx(expect, abs=1e-6)
+        assert a0[0].item() == pytest.approx(-0.19 - 0.3 - 0.2, abs=1e-6)
+        assert a0[-1].item() == pytest.approx(-0.19 + 0.3 + 0.2, abs=1e-6)
+        assert torch.all(sd[p + "v0"] == torch.tensor(0.73)) and torch.all(sd[p + "k0"] == torch.tensor(0.73))
+        assert torch.all(sd[p + "r_k"] == torch.tensor(-0.04)) and sd[p + "r_k"].shape == (4, N)
+        for z in ("w1", "a1", "v1", "k1", "g1"):
+            assert not sd[p + z].any()
+        for m, rows, cols in [("w2", 16, A), ("a2", 32, A), ("v2", 32, 16), ("k2", 32, 16), ("g2", 8, A)]:
+            w = sd[p + m].double()
+            assert w.shape == (rows, cols)
+            gram, eye = (w.T @ w, torch.eye(cols)) if rows > cols else (w @ w.T, torch.eye(rows))
+            gain = (rows / cols) if rows > cols else 1.0
+            assert torch.allclose(gram, 0.01 * gain * eye.double(), atol=1e-6), m
+    assert not torch.equal(sd["model.layers.0.self_attn.w2"], sd["model.layers.3.self_attn.w2"])
+    # the seed decides the random matrices, and nothing else does
+    assert torch.equal(hxa079_init("g2", 3, cfg, seed=5), hxa079_init("g2", 3, cfg, seed=5))
+    assert not torch.equal(hxa079_init("g2", 3, cfg, seed=5), hxa079_init("g2", 3, cfg, seed=6))
+
+
+def test_teacher_problems_and_cli(tmp_path, capsys):
+    assert default_lora_ranks(6144) == {"lora_rank_decay": 320, "lora_rank_iclr": 128,
+                                        "lora_rank_value_residual_mix": 96, "lora_rank_key_residual_mix": 96,
+                                        "lora_rank_gate": 384}
+    tc, sd = _conv_teacher(tmp_path / "t", "llama")
+    convert.main(["from-teacher", str(tmp_path / "t"), str(tmp_path / "s"), "--transformer-layers", "1,3",
+                  "--seed", "2"])
+    assert "2 RWKV + 2 GQA  (RGRG" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "s")[0].transformer_layers == [1, 3]
+    sd["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(32)
+    _save_hf(tmp_path / "obias", tc, sd)
+    with pytest.raises(ValueError, match="o_proj biases"):
+        init_from_teacher(tmp_path / "obias", tmp_path / "x", [1])
+    del sd["model.layers.0.self_attn.o_proj.bias"]
+    sd["model.layers.2.mlp.up_proj.weight"] = torch.zeros(5, 32)
+    sd["model.vision.weight"] = torch.zeros(2)
+    _save_hf(tmp_path / "bad", tc, sd)
+    with pytest.raises(ValueError, match=r"(?s)model\.layers\.2\.mlp\.up_proj\.weight has shape \(5, 32\), expected "
+                                         r"\(48, 32\).*model\.vision\.weight has no place"):
+        init_from_teacher(tmp_path / "bad", tmp_path / "x", [1])
+    with pytest.raises(ValueError, match=r"lacks rope_theta"):
+        _save_hf(tmp_path / "nocfg", {k: v for k, v in tc.items() if k != "rope_theta"}, {})
+        init_from_teacher(tmp_path / "nocfg", tmp_path / "x", [1])
+    assert not (tmp_path / "x").exists()
