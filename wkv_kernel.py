@@ -26,8 +26,15 @@ i.e. the old value stored under kk is partly erased before k v^T writes the new 
 The state layout [B, H, K, V] (key index first) is fla's; RWKV's CUDA kernels keep the
 transpose [B, H, V, K]. The state is always accumulated in float32 (float64 for float64
 inputs), whatever the inputs' dtype.
+
+Forms: `wkv7_naive` (the definition, one token at a time) and `wkv7_chunked` (the chunked
+parallel form, derived in its docstring). `python wkv_kernel.py --bench` times them.
 """
+import math
+
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,14 +90,185 @@ def wkv7_naive(r, w, k, v, a, b, state=None):
 
 
 # ----------------------------------------------------------------------------
+# The chunked form
+
+# Largest total log decay of a chunk, -g_C = -(w_1 + ... + w_C) (max over channels), that the
+# factored product in `_intra_factored` handles; stronger chunks take `_intra_pairwise`.
+# Justified in wkv7_chunked's docstring, step 5.
+MAX_FACTORED_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span):
+    """The four intra-chunk matrices as products of [C, K] matrices (any decay up to max_span).
+
+    a_D * exp(-g_C/2) = a_t exp(g_{t-1} - g_ref) and b_E * exp(-g_C/2) = b_s exp(g_ref - g_s)
+    with g_ref = g_C / 2, so their product is sum_k a_t b_s exp(g_{t-1} - g_s). The clamp only
+    acts in chunks over max_span, whose (finite) result the caller replaces.
+    """
+    m = torch.exp((-g_end / 2).clamp(max=max_span / 2))              # [n, BH, 1, K], in [1, e^(max_span/2)]
+    a_, r_, b_, k_ = a_D * m, r_D * m, b_E * m, k_E * m              # [n, BH, C, K]
+    A_ab = torch.tril(a_ @ b_.mT, -1)                                # s <  t   [n, BH, C, C]
+    A_ak = torch.tril(a_ @ k_.mT, -1)
+    A_rb = torch.tril(r_ @ b_.mT)                                    # s <= t
+    A_rk = torch.tril(r_ @ k_.mT)
+    return A_ab, A_ak, A_rb, A_rk
+
+
+def _intra_pairwise(w, a, r, b, k):
+    """The four intra-chunk matrices from an explicit [C, C, K] tensor of decays (any decay).
+
+    seg[t, s] = w_{s+1} + ... + w_t = g_t - g_s for s <= t, summed inside the segment (so its
+    rounding is relative to the segment, not to g_t), and -inf above the diagonal: every
+    exp(seg) is in [0, 1].
+    """
+    C = w.shape[-2]
+    t = torch.arange(C, device=w.device)
+    after_s = (t[:, None] > t[None, :])[..., None]                   # j > s     [C(j), C(s), 1]
+    seg = (w[..., :, None, :] * after_s).cumsum(-3)                  # sum_{s<j<=t} w_j   [N, C, C, K]
+    E_r = seg.masked_fill(~(t[:, None] >= t[None, :])[..., None], -math.inf).exp()  # exp(g_t - g_s), s <= t
+    E_a = F.pad(E_r[..., :-1, :, :], (0, 0, 0, 0, 1, 0))            # row t is row t-1: exp(g_{t-1} - g_s), s < t
+    A_ab = torch.einsum("...tk,...sk,...tsk->...ts", a, b, E_a)      # [N, C, C]
+    A_ak = torch.einsum("...tk,...sk,...tsk->...ts", a, k, E_a)
+    A_rb = torch.einsum("...tk,...sk,...tsk->...ts", r, b, E_r)
+    A_rk = torch.einsum("...tk,...sk,...tsk->...ts", r, k, E_r)
+    return A_ab, A_ak, A_rb, A_rk
+
+
+def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
+    """The chunked parallel form: the loop over T becomes a loop over T / C chunks.
+
+    Inside one chunk number the tokens t = 1..C, let S_0 be the state entering it, and write
+    x * y for the elementwise product, rows of a [C, K] matrix for the tokens' vectors.
+
+    0. Cumulative log decays (per channel, <= 0, non-increasing):
+           g_t = w_1 + ... + w_t,   g_0 = 0,   D_t = diag(exp(g_t))
+       so that diag(exp(w_{s+1})) ... diag(exp(w_t)) = diag(exp(g_t - g_s)).
+
+    1. Unroll. With u_t = S_{t-1}^T a_t (the "a^T S" term, [V]) one step reads
+           S_t = diag(exp(w_t)) S_{t-1} + b_t u_t^T + k_t v_t^T,  hence
+           S_t = D_t S_0 + sum_{s<=t} diag(exp(g_t - g_s)) (b_s u_s^T + k_s v_s^T).
+
+    2. The a^T S terms. Put 1. at t-1 into u_t = S_{t-1}^T a_t:
+           u_t = S_0^T (a_t * exp(g_{t-1}))
+                 + sum_{s<t} (sum_k a_t b_s exp(g_{t-1} - g_s)) u_s
+                 + sum_{s<t} (sum_k a_t k_s exp(g_{t-1} - g_s)) v_s
+       i.e., stacking the rows t = 1..C,  U = A_aD S_0 + A_ab U + A_ak V  with
+           A_aD[t]    = a_t * exp(g_{t-1})                                   [C, K]
+           A_ab[t, s] = sum_k a_t b_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
+           A_ak[t, s] = sum_k a_t k_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
+       A_ab is strictly lower triangular, so this is the unit lower-triangular system
+           (I - A_ab) U = A_aD S_0 + A_ak V,
+       solved by forward substitution (solve_triangular, unitriangular). Linear in S_0:
+           U = W S_0 + U_0,   W = (I - A_ab)^{-1} A_aD,   U_0 = (I - A_ab)^{-1} A_ak V,
+       and W, U_0 do not depend on the state: they are computed for all chunks at once.
+
+    3. Outputs. y_t = S_t^T r_t with 1.:
+           y = R_D S_0 + A_rb U + A_rk V,   R_D[t] = r_t * exp(g_t),
+           A_rb[t, s] = sum_k r_t b_s exp(g_t - g_s) for s <= t (diagonal included), A_rk alike.
+
+    4. Carried state. 1. at t = C, then U = W S_0 + U_0 from 2.:
+           S_C = D_C S_0 + B_E^T U + K_E^T V,   B_E[s] = b_s * exp(g_C - g_s), K_E alike,
+               = (D_C + B_E^T W) S_0 + (B_E^T U_0 + K_E^T V)  =  M S_0 + N.
+       M [K, K] and N [K, V] do not depend on the state either; only S <- M S + N runs chunk
+       after chunk (one [K, K] x [K, V] product each). With every chunk's S_0 known, U and
+       y (3.) are again computed for all chunks at once.
+
+    5. Numerics. The exponents in A_aD, R_D, B_E, K_E, D_C are <= 0: those factors lie in
+       [0, 1]. So do the pairwise exp(g_t - g_s) (s <= t) inside the A matrices, but a matrix
+       product needs each split into a row factor times a column factor, and
+       exp(g_t) * exp(-g_s) overflows once -g_s > 88 (float32). Split about the chunk's
+       midpoint g_ref = g_C / 2 instead:
+           exp(g_t - g_s) = exp(g_t - g_ref) * exp(g_ref - g_s),
+       both factors within exp(+-span/2), span = -g_C (the chunk's total decay, max over
+       channels). With span <= MAX_FACTORED_SPAN (60 for a float32 state, 600 for float64):
+         - exp(g) >= exp(-span) is still a normal number (smallest normal: e^-87.3 float32,
+           e^-708.4 float64), so A_aD etc. keep full relative precision when rescaled;
+         - every factor is <= e^(span/2) (1e13 / 1e130), and even the discarded products above
+           the diagonal, exp(g_t - g_s) <= e^span (1e26 / 1e260), stay far from overflow
+           (3e38 / 1e308): no inf or NaN anywhere, also not in the backward pass.
+       hxa079's decay is at most e^-0.5 = 0.61 per token, so span <= 39 at C = 64: its chunks
+       always take this path. A chunk over the threshold (e.g. w down to -30) instead builds
+       the [C, C, K] tensor exp(g_t - g_s) itself, the exponent set to -inf above the diagonal
+       (every entry in [0, 1]): exact for any decay, C/2 times the memory of the factored form.
+       For the same reason the decays to the chunk end, g_C - g_s, are summed from the end
+       rather than taken as a difference of two large g's.
+
+    The tail is padded with identity steps (w = 0, k = v = a = b = 0). chunk_size = 64 is the
+    fastest on a 2-core CPU at head size 64 (`python wkv_kernel.py --bench`).
+    """
+    check_wkv7_inputs(r, w, k, v, a, b, state)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"wkv7_chunked: chunk_size must be a positive int, got {chunk_size!r}")
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    dtype, sd = r.dtype, _state_dtype(r.dtype)
+    S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if state is None else state
+    if T == 0:
+        return v.new_empty(B, 0, H, V), S.clone()
+    C = min(chunk_size, T)
+    n = -(-T // C)                                                   # number of chunks
+    pad = n * C - T
+
+    # Batch and heads in one dimension, chunk index first (the loop below walks it):
+    # [B, T, H, K] -> [n, BH, C, K], the tail padded with identity steps
+    def chunks(x):
+        x = F.pad(x.to(sd), (0, 0, 0, 0, 0, pad)) if pad else x.to(sd)
+        return rearrange(x, "b (n c) h k -> n (b h) c k", c=C).contiguous()
+
+    r, w, k, v, a, b = (chunks(x) for x in (r, w, k, v, a, b))       # v: [n, BH, C, V]
+    S = S.reshape(B * H, K, V)
+
+    # 0. cumulative log decays
+    later = torch.ones(C, C, dtype=sd, device=r.device).triu(1)     # later[t, j] = 1 for j > t
+    g = w.cumsum(-2)                                                 # g_t                    [n, BH, C, K]
+    g_prev = g - w                                                   # g_{t-1}
+    g_end = g[..., -1:, :]                                           # g_C                    [n, BH, 1, K]
+    g_rest = later @ w                                               # g_C - g_t = w_{t+1} + ... + w_C
+
+    # decayed rows (all factors in [0, 1])
+    a_D = a * torch.exp(g_prev)                                      # A_aD                   [n, BH, C, K]
+    r_D = r * torch.exp(g)                                           # R_D
+    to_end = torch.exp(g_rest)
+    b_E, k_E = b * to_end, k * to_end                                # B_E, K_E
+
+    # intra-chunk matrices (5.): factored, except chunks whose decay is too strong for that
+    max_span = MAX_FACTORED_SPAN[sd]
+    strong = (-g_end).amax(-1)[..., 0] > max_span                    # [n, BH]
+    A_ab, A_ak, A_rb, A_rk = _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span)  # [n, BH, C, C]
+    if strong.any():
+        pairwise = _intra_pairwise(*(x[strong] for x in (w, a, r, b, k)))
+        A_ab, A_ak, A_rb, A_rk = (A.index_put((strong,), P) for A, P in zip((A_ab, A_ak, A_rb, A_rk), pairwise))
+
+    # 2. W = (I - A_ab)^{-1} A_aD and U_0 = (I - A_ab)^{-1} A_ak V, all chunks at once
+    I = torch.eye(C, dtype=sd, device=r.device)
+    WU = torch.linalg.solve_triangular(I - A_ab, torch.cat([a_D, A_ak @ v], -1), upper=False, unitriangular=True)
+    W, U0 = WU.split([K, V], -1)                                     # [n, BH, C, K], [n, BH, C, V]
+
+    # 4. the state, chunk after chunk: S_C = D_C S_0 + B_E^T (W S_0 + U_0) + K_E^T V = M S_0 + N
+    M = torch.diag_embed(torch.exp(g_end[..., 0, :])) + b_E.mT @ W  # D_C + B_E^T W          [n, BH, K, K]
+    N = b_E.mT @ U0 + k_E.mT @ v                                     # B_E^T U_0 + K_E^T V    [n, BH, K, V]
+    S_in = []
+    for M_i, N_i in zip(M, N):
+        S_in.append(S)                                               # S_0 of chunk i         [BH, K, V]
+        S = torch.baddbmm(N_i, M_i, S)                               # M S_0 + N
+    S_in = torch.stack(S_in)                                         # [n, BH, K, V]
+    U = W @ S_in + U0                                                # U = W S_0 + U_0        [n, BH, C, V]
+
+    # 3. outputs, all chunks at once
+    y = r_D @ S_in + A_rb @ U + A_rk @ v                             # [n, BH, C, V]
+    y = rearrange(y, "n (b h) c v -> b (n c) h v", b=B)[:, :T]
+    return y.to(dtype), S.view(B, H, K, V)
+
+
+# ----------------------------------------------------------------------------
 # One entry point for every form. The model calls this.
 
-IMPLS = {"naive": wkv7_naive}
+IMPLS = {"naive": wkv7_naive, "chunked": wkv7_chunked}
 
 
 def pick_impl(r) -> str:
-    """What impl="auto" runs for these inputs."""
-    return "naive"
+    """What impl="auto" runs for these inputs: the loop for one token, chunks otherwise."""
+    return "naive" if r.shape[1] <= 1 else "chunked"
 
 
 def wkv7(r, w, k, v, a, b, state=None, impl: str = "auto"):
@@ -100,3 +278,129 @@ def wkv7(r, w, k, v, a, b, state=None, impl: str = "auto"):
     if impl not in IMPLS:
         raise ValueError(f"wkv7: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLS)}")
     return IMPLS[impl](r, w, k, v, a, b, state)
+
+
+# ----------------------------------------------------------------------------
+# python wkv_kernel.py --bench
+
+
+def _bench_inputs(B, T, H, N, dtype, device, seed=0):
+    """hxa079-like inputs: log decay in [-e^-0.5, 0), a = -kk, b = kk * iclr with kk unit-norm."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda: torch.randn(B, T, H, N, generator=gen)  # noqa: E731
+    r, k, v = rnd(), rnd(), rnd()
+    w = -torch.exp(-0.5 - F.softplus(rnd()))
+    kk = F.normalize(rnd(), dim=-1)
+    iclr = torch.sigmoid(rnd())
+    return [x.to(dtype=dtype, device=device) for x in (r, w, k, v, -kk, kk * iclr)]
+
+
+def _load_fla_dplr_naive():
+    """fla-core's plain-torch reference of the DPLR (WKV-7) recurrence, fla/ops/generalized_delta_rule/
+    dplr/naive.py, loaded as a single file (it needs only torch and einops; importing the fla
+    package would load its Triton kernels). None when fla-core is not installed."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "ops", "generalized_delta_rule", "dplr", "naive.py")
+    if not os.path.exists(path):
+        return None
+    file_spec = importlib.util.spec_from_file_location("fla_dplr_naive", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module
+
+
+def _bench_peers():
+    """Other CPU implementations of the same recurrence: name -> f(r, w, k, v, a, b) -> y.
+
+    Each converts to its own layout outside the timed call: prepare(inputs) -> run() -> y."""
+    peers = {}
+
+    def rwkv_pip_style(r, w, k, v, a, b):
+        # How the `rwkv` pip package runs RWKV-7 on CPU: one token at a time, state [V, K] per
+        # head, state = state * decay + state @ (a b^T) + v k^T,  y = state @ r.
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        r, k, v, a, b = (rearrange(x, "b t h k -> t (b h) k").contiguous() for x in (r, k, v, a, b))
+        decay = rearrange(torch.exp(w), "b t h k -> t (b h) 1 k").contiguous()
+
+        def run():
+            S = torch.zeros(B * H, V, K, dtype=torch.float32)
+            ys = []
+            for t in range(T):
+                ab = a[t, :, :, None] @ b[t, :, None, :]                # a b^T  [BH, K, K]
+                vk = v[t, :, :, None] @ k[t, :, None, :]                # v k^T  [BH, V, K]
+                S = S * decay[t] + S @ ab + vk
+                ys.append(S @ r[t, :, :, None])                         # [BH, V, 1]
+            return rearrange(torch.stack(ys), "t (b h) v 1 -> b t h v", b=B)
+        return run
+    peers["rwkv pip-style loop"] = rwkv_pip_style
+
+    dplr = _load_fla_dplr_naive()
+    if dplr is None:
+        print("(fla-core is not installed: its rows are skipped)")
+        return peers
+    dplr_recurrence, dplr_chunkwise = dplr.dplr_recurrence, dplr.dplr_chunkwise
+
+    def fla(fn, **kw):
+        def prepare(r, w, k, v, a, b):
+            # fla: [B, H, T, K] layout, q scaled by K**-0.5 inside (undone here), alpha/beta = a/b
+            K = r.shape[-1]
+            q, w, k, v, a, b = (x.transpose(1, 2).contiguous() for x in (r * K ** 0.5, w, k, v, a, b))
+            return lambda: fn(q, k, v, a, b, w, **kw)[0].transpose(1, 2)
+        return prepare
+    peers["fla dplr_recurrence"] = fla(dplr_recurrence)
+    peers["fla dplr_chunkwise (C=32)"] = fla(dplr_chunkwise, chunk_size=32)
+    return peers
+
+
+def bench(shapes=((1, 2048, 8, 64), (1, 512, 64, 96)), dtype=torch.float32, device="cpu", repeats=5):
+    """Median wall time of each form (every IMPLS entry, then the CPU peers) on each shape."""
+    import statistics
+    import time
+
+    def timed(run):
+        t0 = time.perf_counter()
+        run()                                                            # warm-up
+        slow = time.perf_counter() - t0 > 1.0
+        times = []
+        for _ in range(min(repeats, 3) if slow else repeats):           # fewer repeats for the slow loops
+            t0 = time.perf_counter()
+            out = run()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), out
+
+    peers = _bench_peers() if device == "cpu" else {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {dtype}; median of {repeats} "
+          f"(3 when a run takes > 1 s) after a warm-up; rel err = max|y - y_naive| / max|y_naive|")
+    print(f"{'shape':<22} {'form':<28} {'ms':>9} {'tokens/s':>10} {'vs naive':>9} {'rel err':>8}")
+    for B, T, H, N in shapes:
+        x = _bench_inputs(B, T, H, N, dtype, device)
+        rows = [(name, lambda f=f: f(*x)[0]) for name, f in IMPLS.items()]
+        rows += [(name, prepare(*x)) for name, prepare in peers.items()]
+        t_naive = y_naive = None
+        for name, run in rows:
+            t, y = timed(run)
+            if name == "naive":
+                t_naive, y_naive = t, y.float()
+            err = ((y.float() - y_naive).abs().max() / y_naive.abs().max()).item()
+            print(f"{f'B{B} T{T} H{H} N{N}':<22} {name:<28} {t * 1e3:9.1f} {B * T / t:10.0f} "
+                  f"{t_naive / t:8.1f}x {err:8.1e}")
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--bench", action="store_true", help="time every form (IMPLS) and the installed CPU peers")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    if args.bench:
+        bench(repeats=args.repeats, device=args.device)
+    else:
+        p.print_help()
