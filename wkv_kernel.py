@@ -29,6 +29,8 @@ inputs), whatever the inputs' dtype.
 
 Forms: `wkv7_naive` (the definition, one token at a time) and `wkv7_chunked` (the chunked
 parallel form, derived in its docstring). `python wkv_kernel.py --bench` times them.
+`wkv7_triton` is the same chunked form as Triton kernels (forward only; CUDA, or Triton's CPU
+interpreter with TRITON_INTERPRET=1).
 """
 import math
 
@@ -261,9 +263,280 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
 
 
 # ----------------------------------------------------------------------------
+# The Triton kernels (forward only)
+
+TRITON_CHUNK = 16                  # tokens per chunk (tl.dot needs every dimension >= 16)
+TRITON_MAX_FACTORED_SPAN = 60.0    # largest chunk decay span of the factored path (wkv7_triton doc)
+TRITON_BV = 32                     # value columns per program (at most)
+TRITON_NUM_WARPS = 8               # chunked kernel; fewest register spills for ptxas sm_90 at K = 64, 96
+
+triton = tl = None                 # set by _load_triton()
+_wkv7_fwd_recurrent_kernel = _wkv7_fwd_chunked_kernel = None
+_interpreted = False               # whether triton made the kernels for its CPU interpreter
+
+
+def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto"):
+    """The forward pass as two Triton kernels; same signature and meaning as `wkv7_naive`.
+
+    path: "auto" (the recurrent kernel for T < TRITON_CHUNK, else the chunked one), "chunked"
+    or "recurrent".
+
+    Two kernels, both one program per (batch * head, block of BV value columns), the state
+    block S [K, BV] kept in registers (float32) from the first token to the last:
+
+      - `_wkv7_fwd_recurrent_kernel` (decode, T < TRITON_CHUNK): the recurrence itself, token by
+        token:  u = S^T a_t;  S = diag(exp(w_t)) S + b_t u^T + k_t v_t^T;  y_t = S^T r_t.
+      - `_wkv7_fwd_chunked_kernel` (prefill): TRITON_CHUNK = 16 tokens per step, the chunked form
+        derived in `wkv7_chunked`'s docstring (steps 0-4). Per chunk, with S_0 the state entering it:
+            0. g_t = w_1 + ... + w_t,  D_t = diag(exp(g_t))
+            2. U = (I - A_ab)^{-1} (A_aD S_0 + A_ak V)          (the rows u_t = S_{t-1}^T a_t)
+            3. y = R_D S_0 + A_rb U + A_rk V
+            4. S_C = D_C S_0 + B_E^T U + K_E^T V
+        A_ab[t, s] = sum_k a_t b_s exp(g_{t-1} - g_s) (s < t), A_ak alike with k_s; A_rb, A_rk with
+        r_t and exp(g_t - g_s) (s <= t); A_aD[t] = a_t exp(g_{t-1}), R_D[t] = r_t exp(g_t),
+        B_E[s] = b_s exp(g_C - g_s), K_E alike. (I - A_ab)^{-1} comes from forward substitution
+        over the C rows of the unit lower-triangular matrix; it does not depend on S_0.
+        Unlike `wkv7_chunked`, nothing is computed for all chunks at once: each program walks its
+        chunks in order and does steps 2-4 for one chunk before the next.
+
+    Numerics (float32 throughout; every tl.dot is input_precision="ieee", so no TF32 rounding):
+      - Every exponent is a sum of the w's it spans, never a difference of two running sums:
+        g_t, g_{t-1} and g_C - g_t are inclusive/exclusive scans of w, of w shifted by one token,
+        and a reverse scan. Their rounding is relative to the decay they describe.
+      - A_aD, R_D, B_E, K_E, D_C have exponents <= 0: factors in [0, 1], any decay.
+      - The four C x C matrices need exp(g_t - g_s) split into a row and a column factor for a
+        tl.dot. The split is about the chunk's midpoint g_ref = g_C / 2 (per channel), as in
+        `wkv7_chunked` step 5: exact (no overflow, no underflow of a factor that matters) while
+        the chunk's total decay span = max_k(-g_C) <= TRITON_MAX_FACTORED_SPAN = 60, i.e. for any
+        w >= -3.75 per step at C = 16. hxa079's w is in [-exp(-0.5), 0) = [-0.61, 0): its span is
+        at most 9.7, so it always takes this path.
+      - A chunk over that span (e.g. w = -30 per step) is not an error and not garbage: the kernel
+        branches, for that chunk only, to a pairwise form that builds each column s of the four
+        matrices from exp(sum_{s<j<=t} w_j) as a [C, BK] tile (exponents <= 0, masked to -inf
+        above the diagonal): exact for any decay, about C times the elementwise work.
+
+    Dtypes: r, w, k, v, a, b float32, bfloat16 or float16 (loaded and computed in float32); y in
+    the inputs' dtype; state float32 in and out. float64 inputs raise a ValueError (use
+    impl="naive" or "chunked" for float64). Head sizes: any K, V (64, 96, 24, ...): tiles are
+    the next power of two (at least 16) and the loads/stores are masked.
+
+    Backward: not implemented. With grad mode on and any input requiring grad, wkv7_triton
+    raises a RuntimeError rather than returning a tensor that silently has no gradient.
+
+    Triton is imported on the first call, so this module imports without it. On a CPU the
+    kernels run in Triton's interpreter when TRITON_INTERPRET=1 was set before triton was first
+    imported and before the first call; otherwise they need CUDA tensors.
+    """
+    check_wkv7_inputs(r, w, k, v, a, b, state)
+    if r.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"wkv7_triton: inputs must be float32, bfloat16 or float16, got {r.dtype} "
+                         f"(the kernels accumulate in float32; use impl='naive' or 'chunked' for float64)")
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, w, k, v, a, b, state)):
+        raise RuntimeError("wkv7_triton: forward only, there is no backward; use impl='chunked' or 'naive' "
+                           "for gradients, or call it under torch.no_grad()")
+    if path not in ("auto", "chunked", "recurrent"):
+        raise ValueError(f"wkv7_triton: path must be 'auto', 'chunked' or 'recurrent', got {path!r}")
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    sT = torch.empty(B, H, K, V, dtype=torch.float32, device=r.device)
+    if T == 0:
+        if state is None:
+            sT.zero_()
+        else:
+            sT.copy_(state)
+        return v.new_empty(B, 0, H, V), sT
+    _load_triton()
+    if not r.is_cuda and not _interpreted:
+        raise ValueError(f"wkv7_triton: inputs are on {r.device}; the kernels need CUDA tensors, or "
+                         f"TRITON_INTERPRET=1 set before the first call (and before triton's import) for the CPU")
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    s0 = sT if state is None else state.contiguous()                      # unread when state is None
+    # Triton's interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest
+    # even): there, y is stored in float32 and rounded by torch below.
+    y_dtype = torch.float32 if (_interpreted and r.dtype == torch.bfloat16) else r.dtype
+    y = torch.empty(B, T, H, V, dtype=y_dtype, device=r.device)
+    BK = max(16, _next_pow2(K))
+    BV = min(max(16, _next_pow2(V)), TRITON_BV)
+    grid = (triton.cdiv(V, BV), B * H)
+    if path == "recurrent" or (path == "auto" and T < TRITON_CHUNK):
+        _wkv7_fwd_recurrent_kernel[grid](r, w, k, v, a, b, s0, y, sT, T, H=H, K=K, V=V, BK=BK, BV=BV,
+                                         HAS_S0=state is not None)
+    else:
+        _wkv7_fwd_chunked_kernel[grid](r, w, k, v, a, b, s0, y, sT, T, H=H, K=K, V=V, C=TRITON_CHUNK,
+                                       BK=BK, BV=BV, HAS_S0=state is not None,
+                                       MAX_SPAN=TRITON_MAX_FACTORED_SPAN, num_warps=TRITON_NUM_WARPS)
+    return y.to(r.dtype), sT
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _load_triton():
+    """Import triton and define the two kernels (once)."""
+    global triton, tl, _wkv7_fwd_recurrent_kernel, _wkv7_fwd_chunked_kernel, _interpreted
+    if _wkv7_fwd_chunked_kernel is not None:
+        return
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _wkv7_fwd_recurrent_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, T,
+                                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                   BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):
+        # program (i_v, i_bh): value columns [i_v * BV, (i_v + 1) * BV) of head i_bh % H of batch i_bh // H
+        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]           # [BK, BV] in [B, H, K, V]
+        if HAS_S0:
+            S = tl.load(s0_ptr + p_s, mask=m_kv, other=0.0)                # S_0
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+        p_k = (i_b * T * H + i_h) * K + o_k                               # token 0 in [B, T, H, K]
+        p_v = (i_b * T * H + i_h) * V + o_v                               # token 0 in [B, T, H, V]
+        for t in range(0, T):
+            r_t = tl.load(r_ptr + p_k, mask=m_k, other=0.0).to(tl.float32)
+            w_t = tl.load(w_ptr + p_k, mask=m_k, other=0.0).to(tl.float32)
+            k_t = tl.load(k_ptr + p_k, mask=m_k, other=0.0).to(tl.float32)
+            a_t = tl.load(a_ptr + p_k, mask=m_k, other=0.0).to(tl.float32)
+            b_t = tl.load(b_ptr + p_k, mask=m_k, other=0.0).to(tl.float32)
+            v_t = tl.load(v_ptr + p_v, mask=m_v, other=0.0).to(tl.float32)
+            u_t = tl.sum(a_t[:, None] * S, axis=0)                        # a_t^T S_{t-1}          [BV]
+            S = (tl.exp(w_t)[:, None] * S                                 # diag(exp(w_t)) S_{t-1}
+                 + b_t[:, None] * u_t[None, :]                            # + b_t (a_t^T S_{t-1})
+                 + k_t[:, None] * v_t[None, :])                           # + k_t v_t^T
+            y_t = tl.sum(r_t[:, None] * S, axis=0)                        # y_t = S_t^T r_t        [BV]
+            tl.store(y_ptr + p_v, y_t.to(y_ptr.dtype.element_ty), mask=m_v)
+            p_k += H * K
+            p_v += H * V
+        tl.store(sT_ptr + p_s, S, mask=m_kv)
+
+    @triton.jit
+    def _wkv7_fwd_chunked_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, T,
+                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                 HAS_S0: tl.constexpr, MAX_SPAN: tl.constexpr):
+        # program (i_v, i_bh): value columns [i_v * BV, (i_v + 1) * BV) of head i_bh % H of batch i_bh // H
+        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
+        o_t = tl.arange(0, C)                                             # token within the chunk
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]           # [BK, BV] in [B, H, K, V]
+        if HAS_S0:
+            S = tl.load(s0_ptr + p_s, mask=m_kv, other=0.0)                # S_0 of the first chunk
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+        s_lt = o_t[None, :] < o_t[:, None]                                # [t, s]: s < t
+        s_le = o_t[None, :] <= o_t[:, None]                               # [t, s]: s <= t
+        eye = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)            # I  [C, C]
+        base_k = (i_b * T * H + i_h) * K                                  # token 0 in [B, T, H, K]
+        base_v = (i_b * T * H + i_h) * V                                  # token 0 in [B, T, H, V]
+
+        for t0 in range(0, T, C):
+            # load the chunk; tokens past T are identity steps (w = 0, everything else 0)
+            t = t0 + o_t
+            m_tk = (t < T)[:, None] & m_k[None, :]
+            p_k = base_k + t[:, None] * (H * K) + o_k[None, :]             # [C, BK]
+            p_v = base_v + t[:, None] * (H * V) + o_v[None, :]             # [C, BV]
+            r = tl.load(r_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + p_v, mask=(t < T)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            # w shifted by one token inside the chunk: w_prev[t] = w_{t-1} (0 at the chunk start),
+            # w_next[t] = w_{t+1} (0 at the chunk end)
+            w_prev = tl.load(w_ptr + p_k - H * K, mask=m_tk & (o_t > 0)[:, None], other=0.0).to(tl.float32)
+            w_next = tl.load(w_ptr + p_k + H * K, mask=((t + 1 < T) & (o_t + 1 < C))[:, None] & m_k[None, :],
+                             other=0.0).to(tl.float32)
+
+            # 0. cumulative log decays, each a scan of the w's it spans
+            g = tl.cumsum(w, axis=0)                                      # g_t                    [C, BK]
+            g_prev = tl.cumsum(w_prev, axis=0)                            # g_{t-1}
+            g_rest = tl.cumsum(w_next, axis=0, reverse=True)              # g_C - g_t
+            g_end = tl.sum(w, axis=0)                                     # g_C                    [BK]
+
+            # the decayed rows of 2.-4. (exponents <= 0: factors in [0, 1])
+            a_D = a * tl.exp(g_prev)                                      # A_aD[t] = a_t exp(g_{t-1})
+            r_D = r * tl.exp(g)                                           # R_D[t]  = r_t exp(g_t)
+            to_end = tl.exp(g_rest)
+            b_E = b * to_end                                              # B_E[s]  = b_s exp(g_C - g_s)
+            k_E = k * to_end                                              # K_E[s]  = k_s exp(g_C - g_s)
+
+            # 2./3. the intra-chunk matrices A_ab, A_ak (s < t) and A_rb, A_rk (s <= t)
+            span = tl.max(-g_end, axis=0)                                 # the chunk's total decay, max over channels
+            if span <= MAX_SPAN:
+                # factored about g_ref = g_C / 2: (a_t exp(g_{t-1} - g_ref)) . (b_s exp(g_ref - g_s)),
+                # every factor within exp(+-span / 2)
+                m = tl.exp(-0.5 * g_end)[None, :]                         # exp(-g_ref)            [1, BK]
+                a_m, r_m, b_m, k_m = a_D * m, r_D * m, b_E * m, k_E * m
+                A_ab = tl.where(s_lt, tl.dot(a_m, tl.trans(b_m), input_precision="ieee"), 0.0)
+                A_ak = tl.where(s_lt, tl.dot(a_m, tl.trans(k_m), input_precision="ieee"), 0.0)
+                A_rb = tl.where(s_le, tl.dot(r_m, tl.trans(b_m), input_precision="ieee"), 0.0)
+                A_rk = tl.where(s_le, tl.dot(r_m, tl.trans(k_m), input_precision="ieee"), 0.0)
+            else:
+                # pairwise, one column s at a time: exp(g_t - g_s) = exp(w_{s+1} + ... + w_t) as a
+                # [C, BK] tile, -inf (so 0) where the matrix is zero
+                A_ab = tl.zeros([C, C], dtype=tl.float32)
+                A_ak = tl.zeros([C, C], dtype=tl.float32)
+                A_rb = tl.zeros([C, C], dtype=tl.float32)
+                A_rk = tl.zeros([C, C], dtype=tl.float32)
+                # (reloaded rather than kept: fewer registers live through the common path)
+                r = tl.load(r_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
+                w_prev = tl.load(w_ptr + p_k - H * K, mask=m_tk & (o_t > 0)[:, None], other=0.0).to(tl.float32)
+                for s in range(0, C):
+                    at_s = (o_t == s)[:, None]
+                    b_s = tl.sum(tl.where(at_s, b, 0.0), axis=0)[None, :]  # row s of b, k       [1, BK]
+                    k_s = tl.sum(tl.where(at_s, k, 0.0), axis=0)[None, :]
+                    seg_r = tl.cumsum(tl.where((o_t > s)[:, None], w, 0.0), axis=0)           # g_t - g_s
+                    seg_a = tl.cumsum(tl.where((o_t > s + 1)[:, None], w_prev, 0.0), axis=0)  # g_{t-1} - g_s
+                    E_r = tl.exp(tl.where((o_t >= s)[:, None], seg_r, float("-inf")))          # s <= t
+                    E_a = tl.exp(tl.where((o_t > s)[:, None], seg_a, float("-inf")))           # s < t
+                    col = o_t[None, :] == s
+                    A_ab = tl.where(col, tl.sum(a * E_a * b_s, axis=1)[:, None], A_ab)
+                    A_ak = tl.where(col, tl.sum(a * E_a * k_s, axis=1)[:, None], A_ak)
+                    A_rb = tl.where(col, tl.sum(r * E_r * b_s, axis=1)[:, None], A_rb)
+                    A_rk = tl.where(col, tl.sum(r * E_r * k_s, axis=1)[:, None], A_rk)
+
+            # 2. (I - A_ab)^{-1} by forward substitution: row t = e_t + sum_{s<t} A_ab[t, s] row s
+            # (rows s >= t are still e_s there, but A_ab[t, s] = 0 for them)
+            T_inv = eye
+            for i in range(1, C):
+                at_i = (o_t == i)[:, None]
+                A_i = tl.sum(tl.where(at_i, A_ab, 0.0), axis=0)           # A_ab[i, :]             [C]
+                row = tl.sum(A_i[:, None] * T_inv, axis=0) + tl.where(o_t == i, 1.0, 0.0)
+                T_inv = tl.where(at_i, row[None, :], T_inv)
+            # 2. U = (I - A_ab)^{-1} (A_aD S_0 + A_ak V)                                           [C, BV]
+            rhs = tl.dot(a_D, S, input_precision="ieee") + tl.dot(A_ak, v, input_precision="ieee")
+            U = tl.dot(T_inv, rhs, input_precision="ieee")
+            # 3. y = R_D S_0 + A_rb U + A_rk V                                                      [C, BV]
+            y = (tl.dot(r_D, S, input_precision="ieee") + tl.dot(A_rb, U, input_precision="ieee")
+                 + tl.dot(A_rk, v, input_precision="ieee"))
+            tl.store(y_ptr + p_v, y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None] & m_v[None, :])
+            # 4. S_C = D_C S_0 + B_E^T U + K_E^T V                                                  [BK, BV]
+            S = (tl.exp(g_end)[:, None] * S + tl.dot(tl.trans(b_E), U, input_precision="ieee")
+                 + tl.dot(tl.trans(k_E), v, input_precision="ieee"))
+
+        tl.store(sT_ptr + p_s, S, mask=m_kv)
+
+    _interpreted = type(_wkv7_fwd_chunked_kernel).__name__ == "InterpretedFunction"
+
+
+# ----------------------------------------------------------------------------
 # One entry point for every form. The model calls this.
 
-IMPLS = {"naive": wkv7_naive, "chunked": wkv7_chunked}
+IMPLS = {"naive": wkv7_naive, "chunked": wkv7_chunked, "triton": wkv7_triton}
 
 
 def pick_impl(r) -> str:
