@@ -32,6 +32,7 @@ parallel form, derived in its docstring). `python wkv_kernel.py --bench` times t
 `wkv7_triton` is the same chunked form as Triton kernels (forward only; CUDA, or Triton's CPU
 interpreter with TRITON_INTERPRET=1).
 """
+import importlib.util
 import math
 
 import torch
@@ -205,6 +206,12 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
     The tail is padded with identity steps (w = 0, k = v = a = b = 0). chunk_size = 64 was the
     fastest of 16/32/64/128 on a 2-core CPU at head sizes 64 and 96 (`python wkv_kernel.py --bench`).
     """
+    return _run_chunked(r, w, k, v, a, b, state, chunk_size, _chunk_prepare, _chunk_outputs)
+
+
+def _run_chunked(r, w, k, v, a, b, state, chunk_size, prepare, outputs):
+    """wkv7_chunked with its two state-free stages passed in (wkv7_compiled passes them compiled).
+    Between them runs the only sequential part, the state carried from chunk to chunk."""
     check_wkv7_inputs(r, w, k, v, a, b, state)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"wkv7_chunked: chunk_size must be a positive int, got {chunk_size!r}")
@@ -225,7 +232,26 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
         return rearrange(x, "b (n c) h k -> n (b h) c k", c=C).contiguous()
 
     r, w, k, v, a, b = (chunks(x) for x in (r, w, k, v, a, b))       # v: [n, BH, C, V]
+    W, U0, M, N, r_D, A_rb, A_rk = prepare(r, w, k, v, a, b)
+
+    # 4. the state, chunk after chunk: S_C = M S_0 + N
     S = S.reshape(B * H, K, V)
+    S_in = []
+    for M_i, N_i in zip(M, N):
+        S_in.append(S)                                               # S_0 of chunk i         [BH, K, V]
+        S = torch.baddbmm(N_i, M_i, S)                               # M S_0 + N
+    S_in = torch.stack(S_in)                                         # [n, BH, K, V]
+
+    y = outputs(S_in, W, U0, r_D, A_rb, A_rk, v)                     # [n, BH, C, V]
+    y = rearrange(y, "n (b h) c v -> b (n c) h v", b=B)[:, :T]
+    return y.to(dtype), S.view(B, H, K, V)
+
+
+def _chunk_prepare(r, w, k, v, a, b):
+    """Steps 0-2 and the chunk maps of step 4, for all chunks at once (nothing here needs the state).
+    Inputs [n, BH, C, K] (v: [n, BH, C, V]) in the state dtype."""
+    C, K, V = r.shape[-2], r.shape[-1], v.shape[-1]
+    sd = r.dtype
 
     # 0. cumulative log decays
     later = torch.ones(C, C, dtype=sd, device=r.device).triu(1)     # later[t, j] = 1 for j > t
@@ -253,20 +279,16 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
     WU = torch.linalg.solve_triangular(I - A_ab, torch.cat([a_D, A_ak @ v], -1), upper=False, unitriangular=True)
     W, U0 = WU.split([K, V], -1)                                     # [n, BH, C, K], [n, BH, C, V]
 
-    # 4. the state, chunk after chunk: S_C = D_C S_0 + B_E^T (W S_0 + U_0) + K_E^T V = M S_0 + N
+    # 4. S_C = D_C S_0 + B_E^T (W S_0 + U_0) + K_E^T V = M S_0 + N
     M = torch.diag_embed(torch.exp(g_end[..., 0, :])) + b_E.mT @ W  # D_C + B_E^T W          [n, BH, K, K]
     N = b_E.mT @ U0 + k_E.mT @ v                                     # B_E^T U_0 + K_E^T V    [n, BH, K, V]
-    S_in = []
-    for M_i, N_i in zip(M, N):
-        S_in.append(S)                                               # S_0 of chunk i         [BH, K, V]
-        S = torch.baddbmm(N_i, M_i, S)                               # M S_0 + N
-    S_in = torch.stack(S_in)                                         # [n, BH, K, V]
-    U = W @ S_in + U0                                                # U = W S_0 + U_0        [n, BH, C, V]
+    return W, U0, M, N, r_D, A_rb, A_rk
 
-    # 3. outputs, all chunks at once
-    y = r_D @ S_in + A_rb @ U + A_rk @ v                             # [n, BH, C, V]
-    y = rearrange(y, "n (b h) c v -> b (n c) h v", b=B)[:, :T]
-    return y.to(dtype), S.view(B, H, K, V)
+
+def _chunk_outputs(S_in, W, U0, r_D, A_rb, A_rk, v):
+    """Step 3 for all chunks at once, given each chunk's entering state S_in [n, BH, K, V]."""
+    U = W @ S_in + U0                                                # U = W S_0 + U_0        [n, BH, C, V]
+    return r_D @ S_in + A_rb @ U + A_rk @ v                          # y                      [n, BH, C, V]
 
 
 # ----------------------------------------------------------------------------
@@ -541,20 +563,50 @@ def _load_triton():
 
 
 # ----------------------------------------------------------------------------
+# The chunked form, compiled
+
+
+_COMPILED = {}   # (prepare, outputs) compiled once per process, lazily
+
+
+def wkv7_compiled(r, w, k, v, a, b, state=None, chunk_size: int = 64):
+    """wkv7_chunked with its two state-free stages (`_chunk_prepare`, `_chunk_outputs`) compiled by
+    torch.compile (inductor: C++/OpenMP on a CPU, Triton on a GPU). The same code, not a copy.
+
+    Compiled with dynamic=True: the number of chunks and B*H are symbolic, so a new T or batch does
+    not recompile (the chunk size, head size and dtype are specialised; each new one compiles once).
+    The data-dependent switch to the pairwise path for strongly decaying chunks is a graph break:
+    that rare branch runs eagerly. The chunk-to-chunk state scan stays a plain loop of n small
+    products. The first call pays the compile (about 20-40 s on a 2-core CPU; printed by --bench).
+    Differentiable like wkv7_chunked (inductor compiles the backward too)."""
+    if not _COMPILED:
+        _COMPILED["stages"] = (torch.compile(_chunk_prepare, dynamic=True),
+                               torch.compile(_chunk_outputs, dynamic=True))
+    return _run_chunked(r, w, k, v, a, b, state, chunk_size, *_COMPILED["stages"])
+
+
+# ----------------------------------------------------------------------------
 # One entry point for every form. The model calls this.
 
-IMPLS = {"naive": wkv7_naive, "chunked": wkv7_chunked, "triton": wkv7_triton}
+IMPLS = {"naive": wkv7_naive, "chunked": wkv7_chunked, "compiled": wkv7_compiled, "triton": wkv7_triton}
 
 
-def pick_impl(r) -> str:
-    """What impl="auto" runs for these inputs: the loop for one token, chunks otherwise."""
+def pick_impl(r, *others) -> str:
+    """What impl="auto" runs for these inputs:
+    - on CUDA, for float32/bf16/fp16 without autograd: the Triton kernels (it has no backward);
+    - otherwise the loop for a single token (decode), and the chunked form for T > 1.
+    "compiled" is never picked: its first call costs a compile (tens of seconds on a CPU), which
+    a caller should choose to pay; force it with impl="compiled"."""
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, *others))
+    if r.is_cuda and r.dtype != torch.float64 and not needs_grad and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "naive" if r.shape[1] <= 1 else "chunked"
 
 
 def wkv7(r, w, k, v, a, b, state=None, impl: str = "auto"):
     """y, S_T = WKV-7 via the chosen form ("auto", or a key of IMPLS)."""
     if impl == "auto":
-        impl = pick_impl(r)
+        impl = pick_impl(r, w, k, v, a, b, state)
     if impl not in IMPLS:
         raise ValueError(f"wkv7: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLS)}")
     return IMPLS[impl](r, w, k, v, a, b, state)
