@@ -110,10 +110,10 @@ def _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span):
     """
     m = torch.exp((-g_end / 2).clamp(max=max_span / 2))              # [n, BH, 1, K], in [1, e^(max_span/2)]
     a_, r_, b_, k_ = a_D * m, r_D * m, b_E * m, k_E * m              # [n, BH, C, K]
-    A_ab = torch.tril(a_ @ b_.mT, -1)                                # s <  t   [n, BH, C, C]
-    A_ak = torch.tril(a_ @ k_.mT, -1)
-    A_rb = torch.tril(r_ @ b_.mT)                                    # s <= t
-    A_rk = torch.tril(r_ @ k_.mT)
+    A_ab = (a_ @ b_.mT).tril_(-1)                                    # s <  t   [n, BH, C, C]
+    A_ak = (a_ @ k_.mT).tril_(-1)
+    A_rb = (r_ @ b_.mT).tril_()                                      # s <= t
+    A_rk = (r_ @ k_.mT).tril_()
     return A_ab, A_ak, A_rb, A_rk
 
 
@@ -280,15 +280,17 @@ def _chunk_prepare(r, w, k, v, a, b):
     W, U0 = WU.split([K, V], -1)                                     # [n, BH, C, K], [n, BH, C, V]
 
     # 4. S_C = D_C S_0 + B_E^T (W S_0 + U_0) + K_E^T V = M S_0 + N
-    M = torch.diag_embed(torch.exp(g_end[..., 0, :])) + b_E.mT @ W  # D_C + B_E^T W          [n, BH, K, K]
-    N = b_E.mT @ U0 + k_E.mT @ v                                     # B_E^T U_0 + K_E^T V    [n, BH, K, V]
+    # (sums accumulate in place into fresh products: fewer [n, BH, K, V]-sized temporaries)
+    M = b_E.mT @ W                                                   # B_E^T W                [n, BH, K, K]
+    M.diagonal(dim1=-2, dim2=-1).add_(torch.exp(g_end[..., 0, :]))  # + D_C
+    N = (b_E.mT @ U0).add_(k_E.mT @ v)                               # B_E^T U_0 + K_E^T V    [n, BH, K, V]
     return W, U0, M, N, r_D, A_rb, A_rk
 
 
 def _chunk_outputs(S_in, W, U0, r_D, A_rb, A_rk, v):
     """Step 3 for all chunks at once, given each chunk's entering state S_in [n, BH, K, V]."""
-    U = W @ S_in + U0                                                # U = W S_0 + U_0        [n, BH, C, V]
-    return r_D @ S_in + A_rb @ U + A_rk @ v                          # y                      [n, BH, C, V]
+    U = (W @ S_in).add_(U0)                                          # U = W S_0 + U_0        [n, BH, C, V]
+    return (r_D @ S_in).add_(A_rb @ U).add_(A_rk @ v)                # y = R_D S_0 + A_rb U + A_rk V
 
 
 # ----------------------------------------------------------------------------
