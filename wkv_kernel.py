@@ -691,44 +691,71 @@ def _bench_peers():
     return peers
 
 
-def bench(shapes=((1, 2048, 8, 64), (1, 512, 64, 96)), dtype=torch.float32, device="cpu", repeats=5):
-    """Median wall time of each form (every IMPLS entry, then the CPU peers) on each shape."""
+def _bench_gpu_peers():
+    """fla-core's Triton kernels for RWKV-7 (same [B, T, H, K] layout, w = log decay), when installed."""
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    except ImportError:
+        print("(fla-core is not installed: its rows are skipped)")
+        return {}
+    return {"fla chunk_rwkv7": lambda *x: (lambda: chunk_rwkv7(*x, scale=1.0)[0]),
+            "fla fused_recurrent_rwkv7": lambda *x: (lambda: fused_recurrent_rwkv7(*x, scale=1.0)[0])}
+
+
+def bench(shapes=None, dtype=None, device="cpu", repeats=5):
+    """Median wall time of each form (every IMPLS entry, then the installed peers) on each shape.
+    The first call of each form is timed apart ("1st call": the compile of `compiled`/`triton`)."""
     import statistics
     import time
 
+    cuda = device != "cpu"
+    if shapes is None:
+        shapes = ((1, 4096, 64, 96), (8, 4096, 32, 64), (1, 1, 64, 96), (64, 1, 64, 96)) if cuda else \
+                 ((1, 2048, 8, 64), (1, 512, 64, 96))
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
     def timed(run):
         t0 = time.perf_counter()
-        run()                                                            # warm-up
-        slow = time.perf_counter() - t0 > 1.0
+        run()                                                            # warm-up (and compile)
+        sync()
+        first = time.perf_counter() - t0
         times = []
-        for _ in range(min(repeats, 3) if slow else repeats):           # fewer repeats for the slow loops
+        for _ in range(min(repeats, 3) if first > 1.0 else repeats):    # fewer repeats for the slow loops
             t0 = time.perf_counter()
             out = run()
-            if device != "cpu":
-                torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times), out
+        return statistics.median(times), first, out
 
-    peers = _bench_peers() if device == "cpu" else {}
+    peers = _bench_gpu_peers() if cuda else _bench_peers()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {dtype}; median of {repeats} "
           f"(3 when a run takes > 1 s) after a warm-up; rel err = max|y - y_naive| / max|y_naive|")
-    print(f"{'shape':<22} {'form':<28} {'ms':>9} {'tokens/s':>10} {'vs naive':>9} {'rel err':>8}")
+    if cuda:
+        print(torch.cuda.get_device_name())
+        buf = torch.empty(2 ** 28, dtype=torch.uint8, device=device)
+        t, _, _ = timed(lambda: buf.clone())
+        print(f"device-to-device copy: {2 * buf.numel() / t / 1e9:.0f} GB/s (read + write)")
+    print(f"{'shape':<22} {'form':<28} {'ms':>9} {'tokens/s':>10} {'vs naive':>9} {'rel err':>8} {'1st call':>9}"
+          + ("  GB/s" if cuda else ""))
     for B, T, H, N in shapes:
         x = _bench_inputs(B, T, H, N, dtype, device)
         rows = [(name, lambda f=f: f(*x)[0]) for name, f in IMPLS.items()]
         rows += [(name, prepare(*x)) for name, prepare in peers.items()]
         t_naive = y_naive = None
+        moved = sum(t.numel() * t.element_size() for t in x) + x[3].numel() * x[3].element_size()  # 6 in, y out
         for name, run in rows:
+            label = f"B{B} T{T} H{H} N{N}"
             try:
-                t, y = timed(run)
+                t, first, y = timed(run)
             except Exception as e:                                       # e.g. a GPU-only form on a CPU
-                print(f"{f'B{B} T{T} H{H} N{N}':<22} {name:<28} skipped: {type(e).__name__}: {str(e)[:60]}")
+                print(f"{label:<22} {name:<28} skipped: {type(e).__name__}: {str(e)[:60]}")
                 continue
             if name == "naive":
                 t_naive, y_naive = t, y.float()
             err = ((y.float() - y_naive).abs().max() / y_naive.abs().max()).item()
-            print(f"{f'B{B} T{T} H{H} N{N}':<22} {name:<28} {t * 1e3:9.1f} {B * T / t:10.0f} "
-                  f"{t_naive / t:8.1f}x {err:8.1e}")
+            print(f"{label:<22} {name:<28} {t * 1e3:9.2f} {B * T / t:10.0f} {t_naive / t:8.1f}x {err:8.1e} "
+                  f"{first:8.2f}s" + (f"  {moved / t / 1e9:4.0f}" if cuda else ""))
 
 
 if __name__ == "__main__":
