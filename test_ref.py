@@ -44,8 +44,9 @@ settings.register_profile("dev", max_examples=60, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def rel_err(x, y):
-    return ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+def rel_err(x, ref):
+    """max |x - ref| / max |ref| (a norm-wise relative error, so tiny entries don't dominate)."""
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-300)).item()
 
 
 # -----------------------------------------------------------------------------
@@ -918,11 +919,6 @@ _CHUNK_SETTINGS = dict(deadline=None, derandomize=True,
                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _chunk_rel_err(x, ref):
-    """max |x - ref| / max |ref| (a norm-wise relative error, so tiny entries don't dominate)."""
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-300)).item()
-
-
 def _chunk_inputs(seed, B, T, H, N, dtype=torch.float64, decay="hxa079", ab="model", with_state=True):
     """r, w, k, v, a, b [B, T, H, N] and the initial state [B, H, N, N] (or None).
 
@@ -1002,8 +998,8 @@ def test_chunked_matches_naive_float64(seed, B, T, H, N, chunk, decay, ab, with_
     with _chunk_max_span(torch.float64, max_span):
         y, S = wkv7_chunked(*xs, S0, chunk_size=chunk)
     assert y.dtype == S.dtype == torch.float64 and y.shape == y_ref.shape and S.shape == S_ref.shape
-    assert _chunk_rel_err(y, y_ref) < 1e-10
-    assert _chunk_rel_err(S, S_ref) < 1e-10
+    assert rel_err(y, y_ref) < 1e-10
+    assert rel_err(S, S_ref) < 1e-10
 
 
 @settings(max_examples=40, **_CHUNK_SETTINGS)
@@ -1017,8 +1013,8 @@ def test_chunked_matches_naive_float32(seed, B, T, H, N, chunk, decay, ab, with_
         y, S = wkv7_chunked(*xs, S0, chunk_size=chunk)
     assert y.dtype == S.dtype == torch.float32
     assert torch.isfinite(y).all() and torch.isfinite(S).all()
-    assert _chunk_rel_err(y, y_ref) < 1e-4
-    assert _chunk_rel_err(S, S_ref) < 1e-4
+    assert rel_err(y, y_ref) < 1e-4
+    assert rel_err(S, S_ref) < 1e-4
 
 
 @settings(max_examples=15, **_CHUNK_SETTINGS)
@@ -1034,7 +1030,7 @@ def test_chunked_bf16_inputs(seed, T, N, chunk, decay):
     assert y.dtype == torch.bfloat16 and S.dtype == torch.float32
     tol = 2.0 ** -8 * y_ref.abs() + 1e-4 * y_ref.abs().max()
     assert ((y.double() - y_ref).abs() <= tol).all()
-    assert _chunk_rel_err(S, S_ref) < 1e-4
+    assert rel_err(S, S_ref) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1051,7 +1047,7 @@ def test_chunked_at_the_factored_span_threshold(dtype, span_factor):
     y_ref, S_ref = wkv7_naive(*xs, S0)
     y, S = wkv7_chunked(*xs, S0, chunk_size=C)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
-    assert _chunk_rel_err(y, y_ref) < tol and _chunk_rel_err(S, S_ref) < tol
+    assert rel_err(y, y_ref) < tol and rel_err(S, S_ref) < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1074,10 +1070,10 @@ def test_chunked_extreme_decay_is_finite_and_exact(dtype):
     y, S, g_chunk = run(lambda *x: wkv7_chunked(*x, chunk_size=64))
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     assert torch.isfinite(y).all() and torch.isfinite(S).all()
-    assert _chunk_rel_err(y, y_ref) < tol and _chunk_rel_err(S, S_ref) < tol
+    assert rel_err(y, y_ref) < tol and rel_err(S, S_ref) < tol
     for name, a, b in zip(("r", "w", "k", "v", "a", "b", "state"), g_chunk, g_ref):
         assert torch.isfinite(a).all(), name
-        assert _chunk_rel_err(a, b) < tol, name
+        assert rel_err(a, b) < tol, name
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -1089,7 +1085,7 @@ def test_chunked_float32_strong_decay_is_as_accurate_as_the_loop(seed):
     xs, S0 = _chunk_inputs(seed, 1, 128, 2, 16, torch.float32, "strong", "model", True)
     y_ref, S_ref = wkv7_naive(*(x.double() for x in xs), S0.double())
     y, S = wkv7_chunked(*xs, S0, chunk_size=64)
-    assert _chunk_rel_err(y, y_ref) < 5e-6 and _chunk_rel_err(S, S_ref) < 5e-6
+    assert rel_err(y, y_ref) < 5e-6 and rel_err(S, S_ref) < 5e-6
 
 
 def test_chunked_split_sequence_equals_whole():
@@ -1098,7 +1094,7 @@ def test_chunked_split_sequence_equals_whole():
     y, S = wkv7_chunked(*xs, S0, chunk_size=16)
     y1, S1 = wkv7_chunked(*(x[:, :30] for x in xs), S0, chunk_size=16)
     y2, S2 = wkv7_chunked(*(x[:, 30:] for x in xs), S1, chunk_size=16)
-    assert _chunk_rel_err(torch.cat([y1, y2], 1), y) < 1e-12 and _chunk_rel_err(S2, S) < 1e-12
+    assert rel_err(torch.cat([y1, y2], 1), y) < 1e-12 and rel_err(S2, S) < 1e-12
 
 
 def test_chunked_empty_sequence_and_bad_chunk_size():
@@ -1133,7 +1129,7 @@ def test_chunked_gradients_match_naive(seed, T, H, N, chunk, decay, ab, max_span
         g_chunk = grads(lambda *x: wkv7_chunked(*x, chunk_size=chunk))
     for name, a, b in zip(("r", "w", "k", "v", "a", "b", "state"), g_chunk, g_ref):
         assert torch.isfinite(a).all(), name
-        assert _chunk_rel_err(a, b) < 1e-8, name
+        assert rel_err(a, b) < 1e-8, name
 
 
 # -----------------------------------------------------------------------------
@@ -1145,7 +1141,7 @@ def test_dispatcher_runs_chunked():
     xs, S0 = _chunk_inputs(5, 2, 50, 3, 16)
     y_n, S_n = wkv7(*xs, S0, impl="naive")
     y_c, S_c = wkv7(*xs, S0, impl="chunked")
-    assert _chunk_rel_err(y_c, y_n) < 1e-10 and _chunk_rel_err(S_c, S_n) < 1e-10
+    assert rel_err(y_c, y_n) < 1e-10 and rel_err(S_c, S_n) < 1e-10
     assert pick_impl(xs[0]) == "chunked" and pick_impl(xs[0][:, :1]) == "naive"
     y_a, S_a = wkv7(*xs, S0)
     assert torch.equal(y_a, y_c) and torch.equal(S_a, S_c)
@@ -1169,8 +1165,8 @@ def test_naive_matches_fla_dplr_recurrence(decay):
     q, w_, k_, v_, a_, b_ = (x.transpose(1, 2).contiguous() for x in (r * N ** 0.5, w, k, v, a, b))
     y_fla, S_fla = dplr.dplr_recurrence(q, k_, v_, a_, b_, w_, initial_state=S0.clone())
     y, S = wkv7_naive(*xs, S0)
-    assert _chunk_rel_err(y, y_fla.transpose(1, 2)) < 1e-5
-    assert _chunk_rel_err(S, S_fla) < 1e-5
+    assert rel_err(y, y_fla.transpose(1, 2)) < 1e-5
+    assert rel_err(S, S_fla) < 1e-5
 
 
 # =============================================================================

@@ -19,9 +19,10 @@ Per batch element and head, with S_t a [K, V] matrix:
 
 Reading it as a delta rule: S maps keys to values (y = S^T r reads the value stored
 under r). hxa079 calls this with a = -kk and b = kk * iclr, where kk is the unit-norm key
-and iclr in (0, 1) an "in-context learning rate", so the middle term is
-    - kk (iclr * kk)^T S = - diag-scaled projection of S onto kk,
-i.e. the old value stored under kk is partly erased before k v^T writes the new one.
+and iclr in (0, 1)^K a per-channel "in-context learning rate", so the middle term is
+    b (a^T S) = - (iclr * kk) (kk^T S),
+the value currently stored under kk (kk^T S), written back negatively along iclr * kk: with
+iclr = 1 the old value under kk is erased, before k v^T writes the new one.
 
 The state layout [B, H, K, V] (key index first) is fla's; RWKV's CUDA kernels keep the
 transpose [B, H, V, K]. The state is always accumulated in float32 (float64 for float64
@@ -161,7 +162,8 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
            A_ak[t, s] = sum_k a_t k_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
        A_ab is strictly lower triangular, so this is the unit lower-triangular system
            (I - A_ab) U = A_aD S_0 + A_ak V,
-       solved by forward substitution (solve_triangular, unitriangular). Linear in S_0:
+       solved by forward substitution: solve_triangular (unitriangular) against I gives
+       (I - A_ab)^{-1}, cheaper here than against the [C, K + V] right-hand side. Linear in S_0:
            U = W S_0 + U_0,   W = (I - A_ab)^{-1} A_aD,   U_0 = (I - A_ab)^{-1} A_ak V,
        and W, U_0 do not depend on the state: they are computed for all chunks at once.
 
@@ -250,8 +252,7 @@ def _run_chunked(r, w, k, v, a, b, state, chunk_size, prepare, outputs):
 def _chunk_prepare(r, w, k, v, a, b):
     """Steps 0-2 and the chunk maps of step 4, for all chunks at once (nothing here needs the state).
     Inputs [n, BH, C, K] (v: [n, BH, C, V]) in the state dtype."""
-    C, K, V = r.shape[-2], r.shape[-1], v.shape[-1]
-    sd = r.dtype
+    C, sd = r.shape[-2], r.dtype
 
     # 0. cumulative log decays
     later = torch.ones(C, C, dtype=sd, device=r.device).triu(1)     # later[t, j] = 1 for j > t
@@ -276,8 +277,8 @@ def _chunk_prepare(r, w, k, v, a, b):
 
     # 2. W = (I - A_ab)^{-1} A_aD and U_0 = (I - A_ab)^{-1} A_ak V, all chunks at once
     I = torch.eye(C, dtype=sd, device=r.device)
-    WU = torch.linalg.solve_triangular(I - A_ab, torch.cat([a_D, A_ak @ v], -1), upper=False, unitriangular=True)
-    W, U0 = WU.split([K, V], -1)                                     # [n, BH, C, K], [n, BH, C, V]
+    T_inv = torch.linalg.solve_triangular(I - A_ab, I.expand_as(A_ab), upper=False, unitriangular=True)
+    W, U0 = T_inv @ a_D, T_inv @ (A_ak @ v)                          # [n, BH, C, K], [n, BH, C, V]
 
     # 4. S_C = D_C S_0 + B_E^T (W S_0 + U_0) + K_E^T V = M S_0 + N
     # (sums accumulate in place into fresh products: fewer [n, BH, K, V]-sized temporaries)
