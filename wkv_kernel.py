@@ -105,16 +105,16 @@ MAX_FACTORED_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
 def _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span):
     """The four intra-chunk matrices as products of [C, K] matrices (any decay up to max_span).
 
-    a_D * exp(-g_C/2) = a_t exp(g_{t-1} - g_ref) and b_E * exp(-g_C/2) = b_s exp(g_ref - g_s)
-    with g_ref = g_C / 2, so their product is sum_k a_t b_s exp(g_{t-1} - g_s). The clamp only
-    acts in chunks over max_span, whose (finite) result the caller replaces.
+    a_D * exp(-g_C) = a_t exp(g_{t-1} - g_C) and b_E = b_s exp(g_C - g_s), so their product is
+    sum_k a_t b_s exp(g_{t-1} - g_s). The clamp only acts in chunks over max_span, whose
+    (finite) result the caller replaces.
     """
-    m = torch.exp((-g_end / 2).clamp(max=max_span / 2))              # [n, BH, 1, K], in [1, e^(max_span/2)]
-    a_, r_, b_, k_ = a_D * m, r_D * m, b_E * m, k_E * m              # [n, BH, C, K]
-    A_ab = (a_ @ b_.mT).tril_(-1)                                    # s <  t   [n, BH, C, C]
-    A_ak = (a_ @ k_.mT).tril_(-1)
-    A_rb = (r_ @ b_.mT).tril_()                                      # s <= t
-    A_rk = (r_ @ k_.mT).tril_()
+    up = torch.exp((-g_end).clamp(max=max_span))                     # exp(-g_C)  [n, BH, 1, K], in [1, e^max_span]
+    a_, r_ = a_D * up, r_D * up                                      # [n, BH, C, K]
+    A_ab = (a_ @ b_E.mT).tril_(-1)                                   # s <  t   [n, BH, C, C]
+    A_ak = (a_ @ k_E.mT).tril_(-1)
+    A_rb = (r_ @ b_E.mT).tril_()                                     # s <= t
+    A_rk = (r_ @ k_E.mT).tril_()
     return A_ab, A_ak, A_rb, A_rk
 
 
@@ -181,16 +181,20 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
     5. Numerics. The exponents in A_aD, R_D, B_E, K_E, D_C are <= 0: those factors lie in
        [0, 1]. So do the pairwise exp(g_t - g_s) (s <= t) inside the A matrices, but a matrix
        product needs each split into a row factor times a column factor, and
-       exp(g_t) * exp(-g_s) overflows once -g_s > 88 (float32). Split about the chunk's
-       midpoint g_ref = g_C / 2 instead:
-           exp(g_t - g_s) = exp(g_t - g_ref) * exp(g_ref - g_s),
-       both factors within exp(+-span/2), span = -g_C (the chunk's total decay, max over
-       channels). With span <= MAX_FACTORED_SPAN (60 for a float32 state, 600 for float64):
+       exp(g_t) * exp(-g_s) overflows once -g_s > 88 (float32). Split about a reference point
+       g_ref of the chunk instead, here its end g_C:
+           exp(g_t - g_s) = exp(g_t - g_C) * exp(g_C - g_s),
+       so the column factor is B_E's (K_E's) own, in [e^-span, 1], and only the rows are
+       rescaled: A_aD * exp(-g_C), R_D * exp(-g_C), in [1, e^span] times a, r; span = -g_C is
+       the chunk's total decay (max over channels). With span <= MAX_FACTORED_SPAN (60 for a
+       float32 state, 600 for float64):
          - exp(g) >= exp(-span) is still a normal number (smallest normal: e^-87.3 float32,
            e^-708.4 float64), so A_aD etc. keep full relative precision when rescaled;
-         - every factor is <= e^(span/2) (1e13 / 1e130), and even the discarded products above
-           the diagonal, exp(g_t - g_s) <= e^span (1e26 / 1e260), stay far from overflow
-           (3e38 / 1e308): no inf or NaN anywhere, also not in the backward pass.
+         - every factor is <= e^span (1e26 / 1e260), and so are the discarded products above
+           the diagonal, exp(g_t - g_s) <= e^span: far from overflow (3e38 / 1e308), no inf or
+           NaN anywhere, also not in the backward pass.
+       (The midpoint g_ref = g_C / 2, as in the Triton kernel, bounds both factors by e^(span/2)
+       but scales both sides; the discarded products, and so the threshold, are the same.)
        hxa079's log decay is |w| <= e^-0.5 = 0.61 per token, so span <= 39 at C = 64: its
        chunks always take this path. A chunk over the threshold (e.g. w down to -30) instead
        builds the [C, C, K] tensors exp(g_t - g_s) and exp(g_{t-1} - g_s) themselves, each
@@ -198,9 +202,10 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
        [0, 1]): exact for any decay, at ~C times the memory and elementwise work.
        Rounding: g is a running sum, so exp(g) carries a relative error ~|g| * eps (float32:
        <= 39 * 6e-8 = 2.4e-6 for hxa079 at C = 64; the naive loop's products of exp(w) do
-       better, ~2e-7). For that reason the decays to the chunk end, g_C - g_s, are summed over
-       their own segment rather than taken as a difference of two g's (under strong decay
-       both are ~ -1000, and the difference would lose ~6e-5).
+       better, ~2e-7). In chunks over the threshold the decays to the chunk end, g_C - g_s,
+       are therefore summed over their own segment rather than taken as a difference of two
+       g's (both ~ -1000 there: the difference would lose ~6e-5); below it the difference is
+       consistent with g itself, and the more accurate.
 
     Cost per token and head: ~(8 C + 6 N) N multiply-adds, nearly all in batched products (the
     naive loop: ~4 N^2, but one token at a time), plus ~30 elementwise passes over [C, K]-sized
@@ -255,11 +260,17 @@ def _chunk_prepare(r, w, k, v, a, b):
     C, sd = r.shape[-2], r.dtype
 
     # 0. cumulative log decays
-    later = torch.ones(C, C, dtype=sd, device=r.device).triu(1)     # later[t, j] = 1 for j > t
     g = w.cumsum(-2)                                                 # g_t                    [n, BH, C, K]
     g_prev = g - w                                                   # g_{t-1}
     g_end = g[..., -1:, :]                                           # g_C                    [n, BH, 1, K]
-    g_rest = later @ w                                               # g_C - g_t = w_{t+1} + ... + w_C
+    g_rest = g_end - g                                               # g_C - g_t
+    # chunks whose decay is too strong for the factored form (5.); in them |g| is large, so
+    # g_C - g_t is summed over its own segment, w_{t+1} + ... + w_C, instead
+    max_span = MAX_FACTORED_SPAN[sd]
+    strong = (-g_end).amax(-1)[..., 0] > max_span                    # [n, BH]
+    if strong.any():
+        later = torch.ones(C, C, dtype=sd, device=r.device).triu(1)  # later[t, j] = 1 for j > t
+        g_rest = g_rest.index_put((strong,), later @ w[strong])
 
     # decayed rows (all factors in [0, 1])
     a_D = a * torch.exp(g_prev)                                      # A_aD                   [n, BH, C, K]
@@ -267,9 +278,7 @@ def _chunk_prepare(r, w, k, v, a, b):
     to_end = torch.exp(g_rest)
     b_E, k_E = b * to_end, k * to_end                                # B_E, K_E
 
-    # intra-chunk matrices (5.): factored, except chunks whose decay is too strong for that
-    max_span = MAX_FACTORED_SPAN[sd]
-    strong = (-g_end).amax(-1)[..., 0] > max_span                    # [n, BH]
+    # intra-chunk matrices (5.): factored, except in the strong chunks
     A_ab, A_ak, A_rb, A_rk = _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span)  # [n, BH, C, C]
     if strong.any():
         pairwise = _intra_pairwise(*(x[strong] for x in (w, a, r, b, k)))
