@@ -101,6 +101,10 @@ def wkv7_naive(r, w, k, v, a, b, state=None):
 # Justified in wkv7_chunked's docstring, step 5.
 MAX_FACTORED_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
 
+# wkv7_chunked runs the sequence in segments of whole chunks whose [chunks, B*H, C, K]-sized
+# tensors hold about this many numbers (512 KiB in float32: each core's L2 holds the working set).
+CHUNKED_SEGMENT_ELEMENTS = 2 ** 17
+
 
 def _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span):
     """The four intra-chunk matrices as products of [C, K] matrices (any decay up to max_span).
@@ -218,7 +222,12 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64):
 
 def _run_chunked(r, w, k, v, a, b, state, chunk_size, prepare, outputs):
     """wkv7_chunked with its two state-free stages passed in (wkv7_compiled passes them compiled).
-    Between them runs the only sequential part, the state carried from chunk to chunk."""
+    Between them runs the only sequential part, the state carried from chunk to chunk.
+
+    The chunks go through in segments of about CHUNKED_SEGMENT_ELEMENTS numbers per
+    [chunks, BH, C, K]-sized tensor: the ~30 passes over those then stay in the cores' caches
+    (~1.4x faster than whole-sequence tensors on a 2-core CPU), and the intermediates stay
+    bounded however long T is."""
     check_wkv7_inputs(r, w, k, v, a, b, state)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"wkv7_chunked: chunk_size must be a positive int, got {chunk_size!r}")
@@ -239,18 +248,21 @@ def _run_chunked(r, w, k, v, a, b, state, chunk_size, prepare, outputs):
         return rearrange(x, "b (n c) h k -> n (b h) c k", c=C).contiguous()
 
     r, w, k, v, a, b = (chunks(x) for x in (r, w, k, v, a, b))       # v: [n, BH, C, V]
-    W, U0, M, N, r_D, A_rb, A_rk = prepare(r, w, k, v, a, b)
-
-    # 4. the state, chunk after chunk: S_C = M S_0 + N
     S = S.reshape(B * H, K, V)
-    S_in = []
-    for M_i, N_i in zip(M, N):
-        S_in.append(S)                                               # S_0 of chunk i         [BH, K, V]
-        S = torch.baddbmm(N_i, M_i, S)                               # M S_0 + N
-    S_in = torch.stack(S_in)                                         # [n, BH, K, V]
+    per = max(1, CHUNKED_SEGMENT_ELEMENTS // (B * H * C * K))        # chunks per segment
+    ys = []
+    for i in range(0, n, per):
+        W, U0, M, N, r_D, A_rb, A_rk = prepare(*(x[i:i + per] for x in (r, w, k, v, a, b)))
 
-    y = outputs(S_in, W, U0, r_D, A_rb, A_rk, v)                     # [n, BH, C, V]
-    y = rearrange(y, "n (b h) c v -> b (n c) h v", b=B)[:, :T]
+        # 4. the state, chunk after chunk: S_C = M S_0 + N
+        S_in = []
+        for M_i, N_i in zip(M, N):
+            S_in.append(S)                                           # S_0 of chunk i         [BH, K, V]
+            S = torch.baddbmm(N_i, M_i, S)                           # M S_0 + N
+        S_in = torch.stack(S_in)                                     # [per, BH, K, V]
+
+        ys.append(outputs(S_in, W, U0, r_D, A_rb, A_rk, v[i:i + per]))  # [per, BH, C, V]
+    y = rearrange(torch.cat(ys), "n (b h) c v -> b (n c) h v", b=B)[:, :T]
     return y.to(dtype), S.view(B, H, K, V)
 
 
