@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -370,10 +369,9 @@ class HRWKV7ForCausalLM(nn.Module):
         index), a .safetensors file or an RWKV-style .pth (see convert.load_checkpoint; `config` gives
         or overrides config keys). Each tensor is cast to dtype as it is read from disk."""
         from convert import load_checkpoint
-        config, state_dict = load_checkpoint(path, config)            # a LazyStateDict: nothing read yet
+        config, state_dict = load_checkpoint(path, config)            # checked; a LazyStateDict: nothing read yet
         with torch.device("meta"):
             model = cls(config)
-        check_state_dict(model, state_dict.refs())                    # shapes only
         state_dict = {key: state_dict.load(key, dtype=dtype, device=device) for key in state_dict}
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.eval()
@@ -388,38 +386,40 @@ class HRWKV7ForCausalLM(nn.Module):
 
     # ---- state
 
-    def empty_state(self, batch_size: int) -> HRWKV7State:
-        """Zero WKV states and empty KV caches for a batch (what forward uses when state=None)."""
-        cfg, dev = self.config, self.model.embed_tokens.weight.device
+    def state_layout(self, batch_size: int) -> list:
+        """Per layer ("RWKV", S shape, dtype) or ("GQA", cache shape with no positions yet, dtype)."""
+        cfg = self.config
         H, KV, N = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         sd = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return [("GQA", (batch_size, KV, 0, N), self.dtype) if cfg.is_gqa(i) else
+                ("RWKV", (batch_size, H, N, N), sd) for i in range(cfg.num_hidden_layers)]
+
+    def empty_state(self, batch_size: int) -> HRWKV7State:
+        """Zero WKV states and empty KV caches for a batch (what forward uses when state=None)."""
+        dev = self.model.embed_tokens.weight.device
         layers = []
-        for i in range(cfg.num_hidden_layers):
-            if cfg.is_gqa(i):
-                empty = torch.zeros(batch_size, KV, 0, N, dtype=self.dtype, device=dev)
-                layers.append((empty, empty))
-            else:
-                layers.append(torch.zeros(batch_size, H, N, N, dtype=sd, device=dev))
+        for kind, shape, dtype in self.state_layout(batch_size):
+            empty = torch.zeros(shape, dtype=dtype, device=dev)
+            layers.append((empty, empty) if kind == "GQA" else empty)
         return HRWKV7State(layers, 0)
 
     def check_state(self, state: HRWKV7State, batch_size: int):
         """Raise a ValueError if `state` does not belong to this config, dtype and batch size."""
-        ref = self.empty_state(batch_size)
+        layout = self.state_layout(batch_size)
         if not isinstance(state, HRWKV7State):
             raise ValueError(f"state must be an HRWKV7State, got {type(state).__name__}")
-        if len(state.layers) != len(ref.layers):
-            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(ref.layers)}")
-        for i, (s, e) in enumerate(zip(state.layers, ref.layers)):
-            kind = "GQA" if isinstance(e, tuple) else "RWKV"
-            if isinstance(e, tuple) != isinstance(s, tuple):
+        if len(state.layers) != len(layout):
+            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(layout)}")
+        for i, (s, (kind, want, dtype)) in enumerate(zip(state.layers, layout)):
+            if (kind == "GQA") != isinstance(s, tuple):
                 raise ValueError(f"state.layers[{i}]: layer {i} is {kind}, the state holds the other kind")
-            for got, want in zip(s, e) if kind == "GQA" else [(s, e)]:
-                gs, ws = tuple(got.shape), tuple(want.shape)
+            for got in s if kind == "GQA" else [s]:
+                gs, ws = tuple(got.shape), want
                 if kind == "GQA":
                     gs, ws = gs[:2] + gs[3:], ws[:2] + ws[3:]            # the cache length may be anything
-                if gs != ws or got.dtype != want.dtype:
+                if gs != ws or got.dtype != dtype:
                     raise ValueError(f"state.layers[{i}] ({kind}) has shape {tuple(got.shape)} {got.dtype}, "
-                                     f"expected {tuple(want.shape)} {want.dtype} (batch size {batch_size})")
+                                     f"expected {want} {dtype} (batch size {batch_size})")
             if kind == "GQA" and s[0].shape[2] != state.pos:
                 raise ValueError(f"state.layers[{i}] caches {s[0].shape[2]} positions but state.pos={state.pos}")
 
