@@ -36,6 +36,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Callable, Optional
 
@@ -43,7 +44,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from hrwkv7_ref import HRWKV7Config, HRWKV7ForCausalLM, check_state_dict
+from hrwkv7_ref import HRWKV7Config, HRWKV7ForCausalLM, check_state_dict, fold_rope_keys
 
 # safetensors dtype names; the integer and bool ones are only read (and refused as weights)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -428,7 +429,7 @@ def load_checkpoint(path, config=None):
         raise FileNotFoundError(f"{path}: no such file or directory")
     else:
         raise ValueError(f"{path}: expected a directory, a .safetensors file or a .pth file")
-    given.update(_as_dict(config))
+    given = {**fold_rope_keys(given, path), **fold_rope_keys(_as_dict(config), "config")}
     _check_dtypes(refs, path)
     cfg = resolve_config({key: tuple(ref.shape) for key, ref in refs.items()}, given, path)
     model = _meta_model(cfg)
@@ -660,7 +661,11 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
     """(HRWKV7Config, {HF name: TensorRef}) of an hxa079 student of an HF Llama-style teacher.
     Nothing is read but headers; see init_from_teacher."""
     teacher_dir = os.fspath(teacher_dir)
-    tc = _read_json(os.path.join(teacher_dir, "config.json"))
+    tc = fold_rope_keys(_read_json(os.path.join(teacher_dir, "config.json")), os.path.join(teacher_dir, "config.json"))
+    window = tc.get("sliding_window") if tc.get("use_sliding_window", True) else None
+    if window or "sliding_attention" in (tc.get("layer_types") or []):
+        warnings.warn(f"{teacher_dir}: the teacher uses sliding-window attention (sliding_window={window!r}); "
+                      f"the student's GQA layers attend to the whole context", stacklevel=2)
     missing = [k for k in _TEACHER_REQUIRED if tc.get(k) is None]
     if missing:
         raise ValueError(f"{teacher_dir}/config.json lacks {', '.join(missing)}")
@@ -673,7 +678,8 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
     d.setdefault("num_key_value_heads", tc["num_attention_heads"])
     d.update(tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
              attention_bias=has(r"self_attn\.[qkv]_proj\.bias"), enable_qk_norm=has(r"self_attn\.[qk]_norm\.weight"),
-             transformer_layers=sorted(int(i) for i in transformer_layers), rwkv_architecture="hxa079")
+             transformer_layers=sorted(int(i) for i in transformer_layers), rwkv_architecture="hxa079",
+             model_type="hrwkv7", architectures=["HRWKV7ForCausalLM"])
     A = d["num_attention_heads"] * (d.get("head_dim") or tc["hidden_size"] // tc["num_attention_heads"])
     rank_values = default_lora_ranks(A)
     unknown = set(ranks or {}) - set(rank_values)

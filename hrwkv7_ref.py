@@ -111,7 +111,10 @@ class HRWKV7Config:
             bad("rwkv_architecture", f"this implementation computes 'hxa079', got {self.rwkv_architecture!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HRWKV7Config":
+    def from_dict(cls, d: dict, where: str = "config") -> "HRWKV7Config":
+        """From a config.json dict. The RoPE base may be `rope_theta` or inside `rope_parameters` /
+        `rope_scaling` (see fold_rope_keys)."""
+        d = fold_rope_keys(d, where)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {key: val for key, val in d.items() if key in known}
         extra = {key: val for key, val in d.items() if key not in known}
@@ -119,15 +122,53 @@ class HRWKV7Config:
 
     @classmethod
     def from_json(cls, path) -> "HRWKV7Config":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read a JSON config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        return cls.from_dict(d, where=str(path))
 
     def to_dict(self) -> dict:
+        """The config.json dict: head_dim always written, the RoPE base both as `rope_theta` and as
+        transformers >= 5 writes it (`rope_parameters`)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        if d["head_dim"] is None:
-            del d["head_dim"]
+        d["head_dim"] = self.head_size
         d["transformer_layers"] = list(d["transformer_layers"])
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         return {**self.extra, **d}
+
+
+def fold_rope_keys(d: dict, where: str = "config") -> dict:
+    """A copy of the HF config dict d with its RoPE base under `rope_theta` alone, wherever the file
+    keeps it: `rope_theta` (transformers < 5), `rope_parameters.rope_theta` (transformers >= 5) or
+    `rope_scaling.rope_theta` (some files in between); `rope_parameters` and `rope_scaling` are
+    dropped once read. This model computes plain RoPE: a rope_type other than "default" (llama3,
+    yarn, dynamic, linear, ...) is a ValueError naming it and `where`, as are two places that
+    disagree."""
+    found = {}
+    if d.get("rope_theta") is not None:
+        found["rope_theta"] = d["rope_theta"]
+    for key in ("rope_parameters", "rope_scaling"):
+        p = d.get(key)
+        if p is None:
+            continue
+        if not isinstance(p, dict) or any(isinstance(v, dict) for v in p.values()):
+            raise ValueError(f"{where}: {key} = {p!r} is not one set of RoPE parameters")
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{where}: {key} has rope_type {kind!r}; this model computes plain RoPE "
+                             f"(rope_type 'default') only")
+        if p.get("rope_theta") is not None:
+            found[f"{key}.rope_theta"] = p["rope_theta"]
+    if len({float(v) for v in found.values()}) > 1:
+        raise ValueError(f"{where}: the RoPE base is given twice, differently: {found}")
+    d = {key: val for key, val in d.items() if key not in ("rope_parameters", "rope_scaling")}
+    if found:
+        d["rope_theta"] = float(next(iter(found.values())))
+    return d
 
 
 # -----------------------------------------------------------------------------

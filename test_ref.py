@@ -554,7 +554,9 @@ def test_single_safetensors_file_config_from_arg_beside_or_shapes(tmp_path):
     assert got == cfg
     got, _ = load_checkpoint(f, cfg)
     assert got == cfg
-    (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg.to_dict(), "rope_theta": 5e5, "my_key": [1]}))
+    d = {**cfg.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "my_key": [1]}
+    del d["rope_theta"]                                             # as transformers >= 5 writes it
+    (tmp_path / "a" / "config.json").write_text(json.dumps(d))
     got, _ = load_checkpoint(f)                                     # config.json beside it, unknown keys kept
     assert got.rope_theta == 5e5 and got.extra == {"my_key": [1]}
 
@@ -780,7 +782,8 @@ def test_init_from_teacher(tmp_path, kind):
     assert cfg.attention_bias == (kind == "qwen2") and cfg.enable_qk_norm == (kind == "qwen3")
     assert cfg.tie_word_embeddings == (kind == "qwen2") and cfg.head_size == (12 if kind == "qwen3" else 8)
     assert (cfg.rms_norm_eps, cfg.rope_theta) == (1e-6, 1e6)
-    assert cfg.extra["model_type"] == kind and cfg.extra["max_position_embeddings"] == 4096
+    assert cfg.extra["model_type"] == "hrwkv7" and cfg.extra["architectures"] == ["HRWKV7ForCausalLM"]
+    assert cfg.extra["max_position_embeddings"] == 4096                # the teacher's other keys are kept
     A = cfg.num_attention_heads * cfg.head_size
     assert {k: getattr(cfg, k) for k in default_lora_ranks(A)} == default_lora_ranks(A)
     shapes = {k: tuple(v.shape) for k, v in HRWKV7ForCausalLM(cfg).state_dict().items()}
