@@ -33,7 +33,6 @@ import os
 import pickle
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import warnings
@@ -42,9 +41,11 @@ from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from hrwkv7_ref import HRWKV7Config, HRWKV7ForCausalLM, check_state_dict, fold_rope_keys
+from hrwkv7_ref import (HXA079_BIASES, HXA079_LORA, HRWKV7Config, HRWKV7ForCausalLM, check_state_dict,
+                        fold_rope_keys, safetensors_files)
 
 # safetensors dtype names; the integer and bool ones are only read (and refused as weights)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -144,45 +145,12 @@ def _safetensors_refs(path) -> dict:
     return refs
 
 
-def _inside(root, name, what) -> str:
-    """root/name, refused unless it resolves (symlinks followed) to a path inside root."""
-    if not isinstance(name, str) or not name or os.path.isabs(name):
-        raise ValueError(f"{what}: {name!r} is not a relative file name inside {root}")
-    real_root = os.path.realpath(root)
-    full = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([real_root, full]) != real_root or full == real_root:
-        raise ValueError(f"{what}: {name!r} points outside the checkpoint directory {root}")
-    return full
-
-
 def _hf_dir_refs(path) -> dict:
-    """{name: TensorRef} from an HF directory: model.safetensors or model.safetensors.index.json."""
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(single):
-        return _safetensors_refs(single)
-    if not os.path.exists(index):
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-    try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        assert isinstance(weight_map, dict)
-    except Exception as e:
-        raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from e
-    files = {}
-    for key, name in weight_map.items():
-        if name not in files:
-            files[name] = _inside(path, name, f"{index}: weight_map entry {key!r}")
-    refs, problems = {}, []
-    for name in sorted(files):
-        for key, ref in _safetensors_refs(files[name]).items():
-            if weight_map.get(key) != name:
-                problems.append(f"{name} holds {key}, which the index maps to {weight_map.get(key)!r}")
-            refs[key] = ref
-    problems += [f"the index maps {key} to {name}, which does not hold it"
-                 for key, name in weight_map.items() if key not in refs]
-    if problems:
-        raise ValueError(f"{index} disagrees with its shards:\n  " + "\n  ".join(sorted(problems)))
+    """{name: TensorRef} from an HF directory: model.safetensors or model.safetensors.index.json
+    (structure and index checked by hrwkv7_ref.safetensors_files)."""
+    refs = {}
+    for file in sorted({file for file, _ in safetensors_files(path).values()}):
+        refs.update(_safetensors_refs(file))
     return refs
 
 
@@ -243,8 +211,7 @@ def _pth_refs(path) -> dict:
 # The config: given keys, checked against (and completed from) the tensor shapes
 
 _LAYER = r"model\.layers\.(\d+)\."
-_RANKS = {"w1": "lora_rank_decay", "a1": "lora_rank_iclr", "v1": "lora_rank_value_residual_mix",
-          "k1": "lora_rank_key_residual_mix", "g1": "lora_rank_gate"}
+_RANKS = {name: field for name, field in HXA079_LORA.items() if name.endswith("1")}   # w1 [C, rank] shows the rank
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "intermediate_size", "rms_norm_eps", "rope_theta")
 
@@ -396,7 +363,7 @@ def _normalise_shapes(refs: dict, model) -> dict:
     out = {}
     for key, ref in refs.items():
         shape = want.get(key)
-        flat = len(ref.shape) == 1 and key.rsplit(".", 1)[-1] in ("w0", "a0", "v0", "k0", "r_k")
+        flat = len(ref.shape) == 1 and key.rsplit(".", 1)[-1] in (*HXA079_BIASES, "r_k")
         if shape is not None and tuple(ref.shape) != shape and flat and math.prod(ref.shape) == math.prod(shape):
             ref = TensorRef(shape, ref.dtype, lambda fn=ref.fn, shape=shape: fn().reshape(shape), ref.where)
         out[key] = ref
@@ -434,56 +401,12 @@ def load_checkpoint(path, config=None):
     cfg = resolve_config({key: tuple(ref.shape) for key, ref in refs.items()}, given, path)
     model = _meta_model(cfg)
     refs = _normalise_shapes(refs, model)
-    try:
-        check_state_dict(model, refs)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    check_state_dict(model, {key: ref.shape for key, ref in refs.items()}, where=path)
     return cfg, LazyStateDict(refs)
 
 
 # -----------------------------------------------------------------------------
 # Writing
-
-
-_WRITE_CHUNK = 16 * 2**20     # bytes cast and written at a time
-
-
-def _write_safetensors(path, items, metadata, progress=None) -> int:
-    """Write [(name, TensorRef, out dtype)] as one safetensors file, loading one tensor at a time.
-    The header comes from the refs' shapes; each tensor is checked against it as it is written.
-    Returns the number of bytes written."""
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors files are little-endian; this writer assumes a little-endian host")
-    items = sorted(items, key=lambda it: -it[2].itemsize)   # larger elements first: every offset stays aligned
-    header, offset = {"__metadata__": metadata}, 0
-    for name, ref, dtype in items:
-        nbytes = math.prod(ref.shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(ref.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for name, ref, dtype in items:
-            t = ref.load(device="cpu").detach()
-            if tuple(t.shape) != tuple(ref.shape) or not t.dtype.is_floating_point:
-                raise ValueError(f"{name}: loaded {t.dtype} {tuple(t.shape)}, expected a float {tuple(ref.shape)}")
-            flat = t.reshape(-1)
-            if flat.dtype == dtype:
-                f.write(flat.view(torch.uint8).numpy())
-            else:                                                # cast through one small buffer: no second copy
-                buf = torch.empty(_WRITE_CHUNK // dtype.itemsize, dtype=dtype)
-                for start in range(0, flat.numel(), buf.numel()):
-                    part = flat[start:start + buf.numel()]
-                    f.write(buf[:part.numel()].copy_(part).view(torch.uint8).numpy())
-                del part                                         # a view: it would keep the tensor alive
-            if progress is not None:
-                progress.update(flat.numel() * dtype.itemsize)
-            del t, flat                                          # (a memory-mapped tensor unmaps here)
-        f.flush()
-        os.fsync(f.fileno())
-    return 8 + len(head) + offset
 
 
 def _plan_shards(names, sizes, max_shard_bytes):
@@ -521,7 +444,7 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--force) to replace it")
     refs = _refs_of(state_dict)
     model = _meta_model(cfg)
-    check_state_dict(model, refs)
+    check_state_dict(model, {key: ref.shape for key, ref in refs.items()}, where="state_dict")
     _check_dtypes(refs, "state_dict")
     order = list(model.state_dict().keys())
     out_dtype = {name: dtype or refs[name].dtype for name in order}
@@ -546,11 +469,15 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
         bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=os.path.basename(out_dir),
                    disable=not progress)
         with bar:
-            for fname, names in zip(files, shards):
+            for fname, names in zip(files, shards):               # one shard in memory at a time
                 bar.set_postfix_str(fname)
-                written += _write_safetensors(os.path.join(tmp, fname),
-                                              [(name, refs[name], out_dtype[name]) for name in names],
-                                              {"format": "pt"}, bar)
+                tensors = {}
+                for name in names:
+                    tensors[name] = refs[name].load(dtype=out_dtype[name], device="cpu").detach().contiguous()
+                    bar.update(sizes[name])
+                save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+                written += os.path.getsize(os.path.join(tmp, fname))
+                del tensors
         if n > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {name: fname for fname, names in zip(files, shards) for name in names}}
@@ -628,10 +555,10 @@ def hxa079_init(name: str, layer: int, cfg: HRWKV7Config, seed: int = 0) -> torc
         val = torch.full((K,), 0.73, dtype=torch.float64)
     elif name == "r_k":
         return torch.full((H, N), -0.04)
-    elif name in ("w1", "a1", "v1", "k1", "g1"):
-        return torch.zeros(cfg.hidden_size, getattr(cfg, _RANKS[name]))
-    elif name in ("w2", "a2", "v2", "k2", "g2"):
-        rows = getattr(cfg, _RANKS[name[0] + "1"])
+    elif name in _RANKS:                                         # w1, a1, v1, k1, g1
+        return torch.zeros(cfg.hidden_size, getattr(cfg, HXA079_LORA[name]))
+    elif name in HXA079_LORA:                                    # w2, a2, v2, k2, g2
+        rows = getattr(cfg, HXA079_LORA[name])
         cols = K if name in ("v2", "k2") else A
         digest = hashlib.sha256(f"hxa079-init/{seed}/{layer}/{name}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
@@ -642,9 +569,10 @@ def hxa079_init(name: str, layer: int, cfg: HRWKV7Config, seed: int = 0) -> torc
     return val.reshape(1, 1, -1).float()
 
 
-# RWKV layer tensor <- teacher tensor; the scale is the default `qkvo_scale` slot (None: copied as is)
-_FROM_TEACHER = {"receptance": ("q_proj", 0), "key": ("k_proj", 1), "value": ("v_proj", 2),
-                 "output": ("o_proj", 3), "r_norm": ("q_norm", None), "k_norm": ("k_norm", None)}
+# An RWKV layer's self_attn tensors that come from the teacher's attention of the same layer; the
+# first four are scaled by qkvo_scale (in this order), the norms are copied as they are
+TEACHER_NAMES = {"receptance": "q_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj",
+                 "r_norm": "q_norm", "k_norm": "k_norm"}
 _TEACHER_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")   # a buffer some old checkpoints carry
 _TEACHER_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "vocab_size", "rms_norm_eps", "rope_theta")
@@ -696,12 +624,13 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
         src, scale = key, None
         if m and not cfg.is_gqa(int(m[1])):
             layer, name, suffix = int(m[1]), m[2], m[3]
-            if name not in _FROM_TEACHER:           # a new parameter
+            if name not in TEACHER_NAMES:           # a new parameter
                 refs[key] = TensorRef(tuple(p.shape), dtype, where=f"hxa079 init of {key}",
                                       fn=lambda n=name, i=layer: hxa079_init(n, i, cfg, seed).to(dtype))
                 continue
-            tname, slot = _FROM_TEACHER[name]
-            src, scale = f"model.layers.{layer}.self_attn.{tname}{suffix}", (None if slot is None else qkvo_scale[slot])
+            slot = list(TEACHER_NAMES).index(name)
+            src = f"model.layers.{layer}.self_attn.{TEACHER_NAMES[name]}{suffix}"
+            scale = qkvo_scale[slot] if slot < 4 else None
         if src not in trefs:
             problems.append(f"missing teacher tensor {src} (for {key})")
         elif tuple(trefs[src].shape) != tuple(p.shape):

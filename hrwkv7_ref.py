@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from wkv_kernel import wkv7
 
@@ -121,7 +123,8 @@ class HRWKV7Config:
         return cls(**kwargs, extra=extra)
 
     @classmethod
-    def from_json(cls, path) -> "HRWKV7Config":
+    def from_json(cls, path, overrides: Optional[dict] = None) -> "HRWKV7Config":
+        """From a config.json file; `overrides` replace its keys."""
         try:
             with open(path) as f:
                 d = json.load(f)
@@ -129,7 +132,8 @@ class HRWKV7Config:
             raise ValueError(f"{path}: cannot read a JSON config ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict({**fold_rope_keys(d, str(path)), **fold_rope_keys(overrides or {}, "overrides")},
+                             where=str(path))
 
     def to_dict(self) -> dict:
         """The config.json dict: head_dim always written, the RoPE base both as `rope_theta` and as
@@ -226,6 +230,16 @@ class SwiGLU(nn.Module):
 # -----------------------------------------------------------------------------
 # The hxa079 time-mix
 
+# hxa079's own parameters beside the projections and norms: the biases [1, 1, D] of its four paths,
+# the low-rank matrices (stored [in, out], used as x @ w1 @ w2) whose rank is the config field
+# named here, and the bonus r_k [H, N]
+HXA079_BIASES = ("w0", "a0", "v0", "k0")
+HXA079_LORA = {"w1": "lora_rank_decay", "w2": "lora_rank_decay", "a1": "lora_rank_iclr", "a2": "lora_rank_iclr",
+               "v1": "lora_rank_value_residual_mix", "v2": "lora_rank_value_residual_mix",
+               "k1": "lora_rank_key_residual_mix", "k2": "lora_rank_key_residual_mix",
+               "g1": "lora_rank_gate", "g2": "lora_rank_gate"}
+HXA079_PARAMS = (*HXA079_BIASES, *HXA079_LORA, "r_k")
+
 
 class RWKV7TimeMix(nn.Module):
     """
@@ -238,11 +252,11 @@ class RWKV7TimeMix(nn.Module):
         later layers:     v += (v_first - v) * sigmoid(x v1 v2 + v0)
                           k += (k_first - k) * sigmoid(x k1 k2 + k0)
         k, v = repeat each KV head H/KV times
-        a  = sigmoid(x a1 a2 + a0)                       in-context learning rate
+        iclr = sigmoid(x a1 a2 + a0)                     in-context learning rate
         kk = k / max(||k||, 1e-12)
         w  = -softplus(-(tanh(x w1) w2 + w0)) - 0.5     (<= -0.5)
-        k  = k * (1 - w + a)
-        y  = WKV(r, log decay = -exp(w), k, v, a = -kk, b = kk * a) * N^-0.5
+        k  = k * (1 - w + iclr)
+        y  = WKV(r, log decay = -exp(w), k, v, a = -kk, b = kk * iclr) * N^-0.5
         y += sum(r * k * r_k) * v                        per-head bonus (uses the scaled k)
         out = (y * (sigmoid(x g1) g2)) Wo^T
     No token shift, no GroupNorm.
@@ -261,8 +275,7 @@ class RWKV7TimeMix(nn.Module):
         if cfg.enable_qk_norm:
             self.r_norm = RMSNorm(N, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(N, cfg.rms_norm_eps)
-        Dw, Da, Dv, Dk, Dg = (cfg.lora_rank_decay, cfg.lora_rank_iclr, cfg.lora_rank_value_residual_mix,
-                              cfg.lora_rank_key_residual_mix, cfg.lora_rank_gate)
+        Dw, Da, Dv, Dk, Dg = (getattr(cfg, HXA079_LORA[name]) for name in ("w1", "a1", "v1", "k1", "g1"))
         P = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731  (filled by init or a checkpoint)
         self.w0, self.w1, self.w2 = P(1, 1, A), P(C, Dw), P(Dw, A)
         self.a0, self.a1, self.a2 = P(1, 1, A), P(C, Da), P(Da, A)
@@ -286,12 +299,12 @@ class RWKV7TimeMix(nn.Module):
             v = v + (v_first - v) * torch.sigmoid(x @ self.v1 @ self.v2 + self.v0).view(B, T, KV, N)
             k = k + (k_first - k) * torch.sigmoid(x @ self.k1 @ self.k2 + self.k0).view(B, T, KV, N)
         k, v = repeat_kv(k, H // KV), repeat_kv(v, H // KV)             # [B, T, H, N]
-        a = torch.sigmoid(x @ self.a1 @ self.a2 + self.a0).view(B, T, H, N)
+        iclr = torch.sigmoid(x @ self.a1 @ self.a2 + self.a0).view(B, T, H, N)
         kk = F.normalize(k, dim=-1, eps=1e-12)
         w = -F.softplus(-(torch.tanh(x @ self.w1) @ self.w2 + self.w0)) - 0.5
         w = w.view(B, T, H, N)
-        k = k * (1 - w + a)
-        y, S = wkv7(r, -torch.exp(w), k, v, -kk, kk * a, S, impl=wkv_impl)  # [B, T, H, N], [B, H, N, N]
+        k = k * (1 - w + iclr)
+        y, S = wkv7(r, -torch.exp(w), k, v, -kk, kk * iclr, S, impl=wkv_impl)  # [B, T, H, N], [B, H, N, N]
         y = y * N ** -0.5
         y = y + (r * k * self.r_k).sum(-1, keepdim=True) * v
         g = torch.sigmoid(x @ self.g1) @ self.g2                        # [B, T, A]
@@ -395,9 +408,9 @@ class HRWKV7ForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 val = 1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            elif name.endswith(("w0", "a0", "v0", "k0")):
+            elif name.rsplit(".", 1)[-1] in HXA079_BIASES:
                 val = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            elif name.endswith(("w1", "w2", "a1", "a2", "v1", "v2", "k1", "k2", "g1", "g2", "r_k")):
+            elif name.rsplit(".", 1)[-1] in HXA079_PARAMS:
                 val = 0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
             else:
                 val = std * 5 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
@@ -406,14 +419,25 @@ class HRWKV7ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None) -> "HRWKV7ForCausalLM":
-        """Load a checkpoint: an HF-layout directory (config.json + model.safetensors or a sharded
-        index), a .safetensors file or an RWKV-style .pth (see convert.load_checkpoint; `config` gives
-        or overrides config keys). Each tensor is cast to dtype as it is read from disk."""
-        from convert import load_checkpoint
-        config, state_dict = load_checkpoint(path, config)            # checked; a LazyStateDict: nothing read yet
+        """Load an HF-layout checkpoint directory: config.json + model.safetensors, or the shards a
+        model.safetensors.index.json names. `config` (a dict or an HRWKV7Config) overrides keys of
+        config.json. Names and shapes are checked against the config before any tensor is read; each
+        tensor is then read and cast to dtype on device, one at a time. (Other formats, .pth among
+        them, and checkpoints whose config.json is incomplete: convert.py.)"""
+        path = os.fspath(path)
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+        config = HRWKV7Config.from_json(cfg_path, config.to_dict() if isinstance(config, HRWKV7Config) else config)
+        files = safetensors_files(path)                                 # {name: (file, shape)}
         with torch.device("meta"):
             model = cls(config)
-        state_dict = {key: state_dict.load(key, dtype=dtype, device=device) for key in state_dict}
+        check_state_dict(model, {name: shape for name, (_, shape) in files.items()}, where=path)
+        state_dict = {}
+        for file in sorted({file for file, _ in files.values()}):
+            with safe_open(file, framework="pt") as f:
+                for name in (name for name, (fn, _) in files.items() if fn == file):
+                    state_dict[name] = f.get_tensor(name).to(dtype=dtype, device=device)
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.eval()
 
@@ -537,17 +561,66 @@ def sample(logits, temperature: float, top_p: float, gen) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=gen)
 
 
-def check_state_dict(model: nn.Module, state_dict: dict):
-    """Raise a ValueError naming every missing, unexpected or wrong-shaped tensor."""
+# -----------------------------------------------------------------------------
+# Reading an HF-layout checkpoint (safetensors files, read with the safetensors package)
+
+
+def safetensors_files(ckpt_dir) -> dict:
+    """{tensor name: (file path, shape)} of an HF checkpoint directory, from the file headers alone:
+    model.safetensors, or the shards named by model.safetensors.index.json. An index entry must be a
+    bare file name of the directory (no separator, no "..", not absolute); links in the directory are
+    followed (the HF hub cache keeps each file as a link into ../../blobs). The index and the shards
+    must agree. Raises a ValueError naming the file or the entry."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(single):
+        weight_map = None
+    elif os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            assert isinstance(weight_map, dict)
+        except Exception as e:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+        for name, file in weight_map.items():
+            if (not isinstance(file, str) or file in ("", ".", "..") or os.path.basename(file) != file
+                    or "/" in file or "\\" in file):
+                raise ValueError(f"{index}: weight_map entry {name!r}: {file!r} is not a bare file name "
+                                 f"in {ckpt_dir}")
+    else:
+        raise FileNotFoundError(f"{ckpt_dir}: neither model.safetensors nor model.safetensors.index.json")
+    out, problems = {}, []
+    for file in ["model.safetensors"] if weight_map is None else sorted(set(weight_map.values())):
+        full = os.path.join(ckpt_dir, file)
+        try:
+            with safe_open(full, framework="pt") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:                      # missing, truncated, corrupt header, not safetensors
+            raise ValueError(f"{full}: not a valid safetensors file ({e})") from None
+        for name, shape in shapes.items():
+            if weight_map is not None and weight_map.get(name) != file:
+                problems.append(f"{file} holds {name}, which the index maps to {weight_map.get(name)!r}")
+            out[name] = (full, shape)
+    problems += [f"the index maps {name} to {file}, which does not hold it"
+                 for name, file in (weight_map or {}).items() if name not in out]
+    if problems:
+        raise ValueError(f"{index} disagrees with its shards:\n  " + "\n  ".join(sorted(problems)))
+    return out
+
+
+def check_state_dict(model: nn.Module, shapes: dict, where: str = "checkpoint"):
+    """Raise a ValueError naming every missing, unexpected or wrong-shaped tensor.
+    shapes: {name: shape} of what is to be loaded into model."""
     want = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    missing = sorted(set(want) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(want))
-    wrong = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {want[key]}"
-             for key in sorted(set(want) & set(state_dict)) if tuple(state_dict[key].shape) != want[key]]
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    wrong = [f"{key}: checkpoint {tuple(shapes[key])} vs model {want[key]}"
+             for key in sorted(set(want) & set(shapes)) if tuple(shapes[key]) != want[key]]
     problems = ([f"missing tensor {key}" for key in missing] + [f"unexpected tensor {key}" for key in unexpected]
                 + [f"wrong shape {w}" for w in wrong])
     if problems:
-        raise ValueError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{where} does not match the config:\n  " + "\n  ".join(problems))
 
 
 # -----------------------------------------------------------------------------

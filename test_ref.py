@@ -19,6 +19,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pickle  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -341,6 +342,32 @@ def test_from_pretrained_float64_matches_oracle(tmp_path, shards):
     assert rel_err(logits, _oracle_logits(src.state_dict(), cfg, ids)) < 1e-10
 
 
+def test_two_files_copied_alone_load_a_checkpoint(tmp_path):
+    # hrwkv7_ref.py + wkv_kernel.py in an empty folder load an HF checkpoint (sharded) with torch and
+    # safetensors alone, and give the logits of the model that was saved
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
+    src = _tiny_model(cfg, seed=4)
+    _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.save(src(ids)[0], tmp_path / "want.pt")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("hrwkv7_ref.py", "wkv_kernel.py"):
+        (lone / name).write_text(open(os.path.join(here, name)).read())
+    script = (f"import sys, torch; sys.modules['convert'] = None\n"
+              f"from hrwkv7_ref import HRWKV7ForCausalLM\n"
+              f"m = HRWKV7ForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, dtype=torch.float64)\n"
+              f"want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)\n"
+              f"got = m(torch.tensor({ids.tolist()}))[0].detach()\n"
+              f"err = ((got - want).abs().max() / want.abs().max()).item()\n"
+              f"assert err < 1e-12, err\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=lone, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0, run.stderr
+
+
 def test_from_pretrained_names_bad_tensors(tmp_path):
     cfg = HRWKV7Config.from_dict(TINY)
     src = _tiny_model(cfg)
@@ -596,20 +623,27 @@ def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
 # Bad input
 
 
-@pytest.mark.parametrize("entry", ["../outside.safetensors", "ABS", "link.safetensors"])
-def test_index_entry_outside_the_directory_is_refused(tmp_path, entry):
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "ABS", "sub/outside.safetensors", "..", "link"])
+def test_index_entry_must_be_a_bare_file_name(tmp_path, entry):
+    # the rule: a bare file name of the directory; a link the directory's owner made is followed
     cfg, model = _conv_model(TINY)
     ckpt = _save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=2)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "outside.safetensors"))
-    if entry == "ABS":
-        entry = str(tmp_path / "outside.safetensors")
-    if entry == "link.safetensors":
-        os.symlink(tmp_path / "outside.safetensors", ckpt / entry)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    index["weight_map"]["model.norm.weight"] = entry
+    moved = [k for k, f in index["weight_map"].items() if f == "model-00002-of-00002.safetensors"]
+    os.rename(ckpt / "model-00002-of-00002.safetensors", tmp_path / "outside.safetensors")
+    os.makedirs(ckpt / "sub")
+    os.symlink(tmp_path / "outside.safetensors", ckpt / "sub" / "outside.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", ckpt / "link.safetensors")
+    entry = {"ABS": str(tmp_path / "outside.safetensors"), "link": "link.safetensors"}.get(entry, entry)
+    index["weight_map"].update({k: entry for k in moved})
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"weight_map entry 'model\.norm\.weight'.*(points outside|not a relative)"):
-        load_checkpoint(ckpt)
+    if entry == "link.safetensors":
+        ids = torch.tensor([[1, 2, 3]])
+        assert torch.equal(HRWKV7ForCausalLM.from_pretrained(ckpt)(ids)[0], model(ids)[0])
+        return
+    for load in (load_checkpoint, HRWKV7ForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=rf"weight_map entry '{re.escape(moved[0])}'.*not a bare file name"):
+            load(ckpt)
 
 
 def test_missing_unexpected_and_wrong_shape_name_the_tensor(tmp_path):
