@@ -35,7 +35,8 @@ import convert  # noqa: E402
 import wkv_kernel  # noqa: E402
 from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,  # noqa: E402
                      parse_size, save_checkpoint)
-from hrwkv7_ref import TINY, HRWKV7Config, HRWKV7ForCausalLM, apply_rope, rope_cos_sin, state_bytes  # noqa: E402
+from hrwkv7_ref import (TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,  # noqa: E402
+                        rope_cos_sin, sample, state_bytes)
 from wkv_kernel import (IMPLS, MAX_FACTORED_SPAN, TRITON_CHUNK, TRITON_MAX_FACTORED_SPAN, _load_fla_dplr_naive,  # noqa: E402
                         pick_impl, wkv7, wkv7_chunked, wkv7_naive, wkv7_triton)
 
@@ -255,6 +256,19 @@ def test_gqa_cache_equals_plain_causal_attention(H_per_KV, KV, T, P, qk_norm):
 # RoPE
 
 
+def test_rope_known_values():
+    # N = 4, theta = 100: frequencies [1, 100^(-2/4)] = [1, 0.1]; rotate-half pairs dims (0, 2), (1, 3):
+    # out[j] = x[j] cos(p f_j) - x[j + N/2] sin(p f_j),  out[j + N/2] = x[j + N/2] cos(p f_j) + x[j] sin(p f_j)
+    cos, sin = rope_cos_sin(torch.tensor([0, 1, 2]), 4, 100.0, torch.float64, "cpu")
+    assert torch.equal(cos[1], torch.tensor([1, 0.1, 1, 0.1], dtype=torch.float64).cos())
+    assert torch.equal(sin[2], torch.tensor([2, 0.2, 2, 0.2], dtype=torch.float64).sin())
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).expand(1, 3, 1, 4)
+    out = apply_rope(x, cos, sin)[0, :, 0]
+    c1, s1, c2, s2 = math.cos(1), math.sin(1), math.cos(0.1), math.sin(0.1)
+    want1 = torch.tensor([1 * c1 - 3 * s1, 2 * c2 - 4 * s2, 3 * c1 + 1 * s1, 4 * c2 + 2 * s2], dtype=torch.float64)
+    assert torch.equal(out[0], x[0, 0, 0]) and rel_err(out[1], want1) < 1e-15
+
+
 @given(N=st.sampled_from([2, 6, 24, 96]), p=st.integers(0, 40000), d=st.integers(0, 300),
        theta=st.sampled_from([1e4, 8e6]))
 def test_rope_preserves_norm_and_depends_on_relative_position(N, p, d, theta):
@@ -402,6 +416,40 @@ def test_generate_greedy_equals_argmax_of_full_forward():
     assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
     a = model.generate(prompt, 5, temperature=0.8, top_p=0.9, seed=1)
     assert torch.equal(a, model.generate(prompt, 5, temperature=0.8, top_p=0.9, seed=1))
+
+
+def test_rmsnorm_computes_in_float32_for_half_inputs():
+    # activations of a few hundred: their squares overflow float16 (max 65504) unless upcast
+    norm = RMSNorm(48, 1e-5)
+    x = 300 * torch.randn(3, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = norm.double()(x)
+    for dtype, tol in ((torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7)):   # ~ one rounding of the output
+        got = norm.to(dtype)(x.to(dtype))
+        assert got.dtype == dtype and rel_err(got, want) < tol, dtype
+
+
+def test_sample_follows_temperature_and_top_p():
+    # 40000 draws at once: frequencies against softmax(logits / temperature), renormalised over the
+    # smallest set of tokens (in order of probability) whose mass reaches top_p, that set included
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0], dtype=torch.float64)
+    n = 40000
+    for temperature, top_p in ((0.5, 1.0), (2.0, 1.0), (1.0, 0.8), (1.0, 0.5)):
+        p = torch.softmax(logits / temperature, -1)
+        keep = (p.cumsum(-1) - p) < top_p                              # p is sorted here: the set, its crossing token included
+        want = p * keep / (p * keep).sum()
+        draws = sample(logits.expand(n, 5), temperature, top_p, torch.Generator().manual_seed(1))
+        freq = torch.bincount(draws[:, 0], minlength=5).double() / n
+        sigma = (want * (1 - want) / n).sqrt()
+        assert torch.all((freq - want).abs() <= 5 * sigma + 1e-12), (temperature, top_p, freq, want)
+    assert torch.equal(sample(logits[None], 0, 1.0, None), torch.tensor([[0]]))
+
+
+def test_state_whose_cache_disagrees_with_pos_is_refused():
+    cfg = HRWKV7Config.from_dict(TINY)
+    model = _tiny_model(cfg)
+    _, state = model(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"caches 3 positions but state.pos=2"):
+        model(torch.tensor([[4]]), HRWKV7State(state.layers, 2))
 
 
 def test_state_bytes_formula_matches_a_real_state():
