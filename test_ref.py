@@ -35,7 +35,7 @@ import convert  # noqa: E402
 import wkv_kernel  # noqa: E402
 from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,  # noqa: E402
                      parse_size, save_checkpoint)
-from hrwkv7_ref import (TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,  # noqa: E402
+from hrwkv7_ref import (HXA079_BIASES, TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,  # noqa: E402
                         rope_cos_sin, sample, state_bytes)
 from wkv_kernel import (IMPLS, MAX_FACTORED_SPAN, TRITON_CHUNK, TRITON_MAX_FACTORED_SPAN, _load_fla_dplr_naive,  # noqa: E402
                         pick_impl, wkv7, wkv7_chunked, wkv7_naive, wkv7_triton)
@@ -465,17 +465,17 @@ def test_state_bytes_formula_matches_a_real_state():
 # convert.py: exact round trips (.pth -> HF -> load, sharded, cast), teacher initialisation,
 # and every bad input refused with an error that names it. Synthetic tiny checkpoints only.
 
-_CONV_SETTINGS = settings(max_examples=5, deadline=None, derandomize=True,
+_FILE_SETTINGS = settings(max_examples=5, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-_CONV_EPS_THETA = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+EPS_THETA = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
-def _conv_model(cfg_dict, seed=0):
+def _config_and_model(cfg_dict, seed=0):
     cfg = HRWKV7Config.from_dict(cfg_dict)
     return cfg, HRWKV7ForCausalLM(cfg).init_random(seed=seed).eval()
 
 
-def _conv_pth_name(key, flat=False, value=None):
+def _pth_name(key, flat=False, value=None):
     """HF name -> RWKV-style .pth name (the table in HXA079.md), optionally storing w0/a0/v0/k0 as [D]
     and r_k as [H*N]."""
     for old, new in [("model.embed_tokens.", "emb."), ("model.norm.", "ln_out."), ("lm_head.", "head."),
@@ -484,13 +484,13 @@ def _conv_pth_name(key, flat=False, value=None):
                      ("post_attention_layernorm", "ln2"), ("r_norm.", "ln_r."), ("q_norm.", "ln_r."),
                      ("k_norm.", "ln_k.")]:
         key = key.replace(old, new)
-    if flat and value is not None and key.rsplit(".", 1)[-1] in ("w0", "a0", "v0", "k0", "r_k"):
+    if flat and value is not None and key.rsplit(".", 1)[-1] in (*HXA079_BIASES, "r_k"):
         value = value.reshape(-1)
     return key, value
 
 
-def _conv_pth(model, path, flat=False):
-    sd = dict(_conv_pth_name(k, flat, v) for k, v in model.state_dict().items())
+def _save_pth(model, path, flat=False):
+    sd = dict(_pth_name(k, flat, v) for k, v in model.state_dict().items())
     cfg = model.config
     for i in range(cfg.num_hidden_layers):
         if not cfg.is_gqa(i):
@@ -518,14 +518,14 @@ def _save_hf(path, cfg, sd, shards=1, write_config=True):
     return path
 
 
-def _conv_equal(sd_a, sd_b):
+def _same_tensors(sd_a, sd_b):
     assert sorted(sd_a) == sorted(sd_b)
     for k in sd_a:
         a, b = sd_a[k], sd_b[k]
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), k
 
 
-def _conv_logits(model, cfg, seed=1):
+def _logits_of(model, cfg, seed=1):
     ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(ids)[0]
@@ -535,35 +535,35 @@ def _conv_logits(model, cfg, seed=1):
 # Round trips
 
 
-@_CONV_SETTINGS
+@_FILE_SETTINGS
 @given(gqa=st.sets(st.integers(0, 3), max_size=2), qk_norm=st.booleans(), bias=st.booleans(), tie=st.booleans(),
        flat=st.booleans(), shard_kib=st.sampled_from([None, 8, 40, 1000]))
 def test_pth_to_hf_round_trip_is_exact(tmp_path_factory, gqa, qk_norm, bias, tie, flat, shard_kib):
     tmp = tmp_path_factory.mktemp("rt")
-    cfg, model = _conv_model({**TINY, "transformer_layers": sorted(gqa), "enable_qk_norm": qk_norm,
+    cfg, model = _config_and_model({**TINY, "transformer_layers": sorted(gqa), "enable_qk_norm": qk_norm,
                               "attention_bias": bias, "tie_word_embeddings": tie})
-    _conv_pth(model, tmp / "m.pth", flat)
+    _save_pth(model, tmp / "m.pth", flat)
     if flat and not qk_norm and len(gqa) < 4:       # a flat r_k and no per-head norm: the head size must be given
         with pytest.raises(ValueError, match=r"cannot infer num_attention_heads, num_key_value_heads, head_dim"):
-            load_checkpoint(tmp / "m.pth", _CONV_EPS_THETA)
-    got_cfg, sd = load_checkpoint(tmp / "m.pth", {**_CONV_EPS_THETA, "head_dim": 12})
+            load_checkpoint(tmp / "m.pth", EPS_THETA)
+    got_cfg, sd = load_checkpoint(tmp / "m.pth", {**EPS_THETA, "head_dim": 12})
     assert got_cfg == cfg
     assert isinstance(sd, LazyStateDict)
-    _conv_equal(dict(sd), model.state_dict())
+    _same_tensors(dict(sd), model.state_dict())
     summary = save_checkpoint(tmp / "hf", got_cfg, sd, max_shard_bytes=shard_kib and shard_kib * 1024)
     cfg2, sd2 = load_checkpoint(tmp / "hf")
     assert cfg2 == cfg and json.loads((tmp / "hf" / "config.json").read_text()) == cfg.to_dict()
-    _conv_equal(dict(sd2), model.state_dict())
+    _same_tensors(dict(sd2), model.state_dict())
     assert (len(summary["files"]) > 1) == (tmp / "hf" / "model.safetensors.index.json").exists()
     loaded = HRWKV7ForCausalLM.from_pretrained(tmp / "hf")
-    assert torch.equal(_conv_logits(loaded, cfg), _conv_logits(model, cfg))
+    assert torch.equal(_logits_of(loaded, cfg), _logits_of(model, cfg))
 
 
 def test_ln_r_becomes_q_norm_in_gqa_layers_and_r_norm_in_rwkv_layers(tmp_path):
-    cfg, model = _conv_model({**TINY, "transformer_layers": [1], "enable_qk_norm": True})
-    pth = _conv_pth(model, tmp_path / "m.pth")
+    cfg, model = _config_and_model({**TINY, "transformer_layers": [1], "enable_qk_norm": True})
+    pth = _save_pth(model, tmp_path / "m.pth")
     assert "blocks.1.att.ln_r.weight" in pth and "blocks.0.att.ln_r.weight" in pth
-    _, sd = load_checkpoint(tmp_path / "m.pth", _CONV_EPS_THETA)
+    _, sd = load_checkpoint(tmp_path / "m.pth", EPS_THETA)
     assert torch.equal(sd["model.layers.1.self_attn.q_norm.weight"], pth["blocks.1.att.ln_r.weight"])
     assert torch.equal(sd["model.layers.0.self_attn.r_norm.weight"], pth["blocks.0.att.ln_r.weight"])
     assert torch.equal(sd["model.layers.1.self_attn.k_norm.weight"], pth["blocks.1.att.ln_k.weight"])
@@ -571,21 +571,21 @@ def test_ln_r_becomes_q_norm_in_gqa_layers_and_r_norm_in_rwkv_layers(tmp_path):
 
 
 def test_flat_vectors_are_reshaped(tmp_path):
-    cfg, model = _conv_model(TINY)
-    _conv_pth(model, tmp_path / "m.pth", flat=True)
-    _, sd = load_checkpoint(tmp_path / "m.pth", {**_CONV_EPS_THETA, "num_attention_heads": 4})
+    cfg, model = _config_and_model(TINY)
+    _save_pth(model, tmp_path / "m.pth", flat=True)
+    _, sd = load_checkpoint(tmp_path / "m.pth", {**EPS_THETA, "num_attention_heads": 4})
     assert sd.ref("model.layers.0.self_attn.w0").shape == (1, 1, 48)
     assert sd["model.layers.0.self_attn.r_k"].shape == (4, 12)
     # the same in an HF file
-    hf_sd = {k: (v.reshape(-1) if k.endswith(("w0", "a0", "v0", "k0", "r_k")) else v)
+    hf_sd = {k: (v.reshape(-1) if k.rsplit(".", 1)[-1] in (*HXA079_BIASES, "r_k") else v)
              for k, v in model.state_dict().items()}
     _save_hf(tmp_path / "hf", cfg, hf_sd)
     _, sd = load_checkpoint(tmp_path / "hf")
-    _conv_equal(dict(sd), model.state_dict())
+    _same_tensors(dict(sd), model.state_dict())
 
 
 def test_sharded_layout_is_hf_format(tmp_path):
-    cfg, model = _conv_model({**TINY, "transformer_layers": [0, 3]})
+    cfg, model = _config_and_model({**TINY, "transformer_layers": [0, 3]})
     limit = 30_000
     summary = save_checkpoint(tmp_path / "out", cfg, model.state_dict(), max_shard_bytes=limit)
     n = len(summary["files"])
@@ -601,31 +601,31 @@ def test_sharded_layout_is_hf_format(tmp_path):
         with safe_open(str(tmp_path / "out" / f), "pt") as h:
             assert h.metadata() == {"format": "pt"}
         merged.update(part)
-    _conv_equal(merged, sd)
+    _same_tensors(merged, sd)
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["out"]                  # no temporary directory left
 
 
 def test_dtype_cast_bf16_and_float64_loading(tmp_path):
-    cfg, model = _conv_model({**TINY, "enable_qk_norm": True, "attention_bias": True})
+    cfg, model = _config_and_model({**TINY, "enable_qk_norm": True, "attention_bias": True})
     _save_hf(tmp_path / "src", cfg, model.state_dict(), shards=3)
     _, sd = load_checkpoint(tmp_path / "src")
     save_checkpoint(tmp_path / "bf16", cfg, sd, dtype=torch.bfloat16, max_shard_bytes=50_000)
     _, sd16 = load_checkpoint(tmp_path / "bf16")
-    _conv_equal(dict(sd16), {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    _same_tensors(dict(sd16), {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
     m64 = HRWKV7ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in m64.state_dict().values())
     assert all(torch.equal(p, model.state_dict()[k].to(torch.bfloat16).double()) for k, p in m64.state_dict().items())
-    assert _conv_logits(m64, cfg).dtype == torch.float64
+    assert _logits_of(m64, cfg).dtype == torch.float64
 
 
 def test_single_safetensors_file_config_from_arg_beside_or_shapes(tmp_path):
-    cfg, model = _conv_model({**TINY, "tie_word_embeddings": True})
+    cfg, model = _config_and_model({**TINY, "tie_word_embeddings": True})
     _save_hf(tmp_path / "a", cfg, model.state_dict(), write_config=False)
     f = tmp_path / "a" / "model.safetensors"
     with pytest.raises(ValueError, match=r"cannot infer rms_norm_eps, rope_theta;"):
         load_checkpoint(f)
-    got, sd = load_checkpoint(f, _CONV_EPS_THETA)                  # everything else from the shapes
+    got, sd = load_checkpoint(f, EPS_THETA)                  # everything else from the shapes
     assert got == cfg
     got, _ = load_checkpoint(f, cfg)
     assert got == cfg
@@ -637,19 +637,19 @@ def test_single_safetensors_file_config_from_arg_beside_or_shapes(tmp_path):
 
 
 def test_no_rwkv_layer_needs_the_head_size(tmp_path):
-    cfg, model = _conv_model({**TINY, "transformer_layers": [0, 1, 2, 3]})
-    _conv_pth(model, tmp_path / "m.pth")
+    cfg, model = _config_and_model({**TINY, "transformer_layers": [0, 1, 2, 3]})
+    _save_pth(model, tmp_path / "m.pth")
     with pytest.raises(ValueError, match=r"cannot infer num_attention_heads, num_key_value_heads, head_dim"):
-        load_checkpoint(tmp_path / "m.pth", _CONV_EPS_THETA)
+        load_checkpoint(tmp_path / "m.pth", EPS_THETA)
     for extra in ({"num_attention_heads": 4}, {"head_dim": 12}):
-        got, sd = load_checkpoint(tmp_path / "m.pth", {**_CONV_EPS_THETA, **extra})
+        got, sd = load_checkpoint(tmp_path / "m.pth", {**EPS_THETA, **extra})
         assert (got.num_attention_heads, got.num_key_value_heads, got.head_size) == (4, 2, 12)
-        _conv_equal(dict(sd), model.state_dict())
+        _same_tensors(dict(sd), model.state_dict())
 
 
 def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
-    cfg, model = _conv_model(TINY)
-    _conv_pth(model, tmp_path / "m.pth")
+    cfg, model = _config_and_model(TINY)
+    _save_pth(model, tmp_path / "m.pth")
     argv = [str(tmp_path / "m.pth"), str(tmp_path / "out"), "--set", "rms_norm_eps=1e-5", "--set", "rope_theta=1e4",
             "--set", "note=hello", "--dtype", "bfloat16", "--max-shard-size", "60kB"]
     summary = convert.main(argv)
@@ -659,7 +659,7 @@ def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
     assert summary["bytes_written"] == sum(os.path.getsize(tmp_path / "out" / f) for f in summary["files"])
     got, sd = load_checkpoint(tmp_path / "out")
     assert got.extra == {"note": "hello"} and len(summary["files"]) > 1
-    _conv_equal(dict(sd), {k: v.bfloat16() for k, v in model.state_dict().items()})
+    _same_tensors(dict(sd), {k: v.bfloat16() for k, v in model.state_dict().items()})
     with pytest.raises(FileExistsError, match="--force"):
         convert.main(argv)
     convert.main(argv[:-4] + ["--force"])                            # float32, one file
@@ -674,7 +674,7 @@ def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "ABS", "sub/outside.safetensors", "..", "link"])
 def test_index_entry_must_be_a_bare_file_name(tmp_path, entry):
     # the rule: a bare file name of the directory; a link the directory's owner made is followed
-    cfg, model = _conv_model(TINY)
+    cfg, model = _config_and_model(TINY)
     ckpt = _save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=2)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     moved = [k for k, f in index["weight_map"].items() if f == "model-00002-of-00002.safetensors"]
@@ -695,7 +695,7 @@ def test_index_entry_must_be_a_bare_file_name(tmp_path, entry):
 
 
 def test_missing_unexpected_and_wrong_shape_name_the_tensor(tmp_path):
-    cfg, model = _conv_model(TINY)
+    cfg, model = _config_and_model(TINY)
     sd = model.state_dict()
     bad = {k: v for k, v in sd.items() if k != "model.layers.3.mlp.up_proj.weight"}
     bad["model.layers.0.self_attn.bonus"] = torch.zeros(3)
@@ -713,7 +713,7 @@ def test_missing_unexpected_and_wrong_shape_name_the_tensor(tmp_path):
 
 
 def test_integer_or_bool_weights_are_refused(tmp_path):
-    cfg, model = _conv_model(TINY)
+    cfg, model = _config_and_model(TINY)
     sd = dict(model.state_dict())
     sd["model.layers.1.self_attn.w1"] = sd["model.layers.1.self_attn.w1"].to(torch.int32)
     sd["model.norm.weight"] = sd["model.norm.weight"] > 0
@@ -726,7 +726,7 @@ def test_integer_or_bool_weights_are_refused(tmp_path):
 
 
 def test_truncated_or_corrupt_safetensors_names_the_file(tmp_path):
-    cfg, model = _conv_model(TINY)
+    cfg, model = _config_and_model(TINY)
     ckpt = _save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=3)
     shard = ckpt / "model-00002-of-00003.safetensors"
     data = shard.read_bytes()
@@ -739,8 +739,8 @@ def test_truncated_or_corrupt_safetensors_names_the_file(tmp_path):
 
 
 def test_config_contradicting_the_weights_names_field_and_values(tmp_path):
-    cfg, model = _conv_model({**TINY, "transformer_layers": [2]})
-    _conv_pth(model, tmp_path / "m.pth")
+    cfg, model = _config_and_model({**TINY, "transformer_layers": [2]})
+    _save_pth(model, tmp_path / "m.pth")
     for override, pattern in [({"num_key_value_heads": 4}, r"num_key_value_heads=4 but the weights say 2"),
                               ({"hidden_size": 64}, r"hidden_size=64 but the weights say 48"),
                               ({"transformer_layers": [1]}, r"transformer_layers=\[1\] but the weights say \[2\]"),
@@ -749,13 +749,13 @@ def test_config_contradicting_the_weights_names_field_and_values(tmp_path):
                               ({"tie_word_embeddings": True}, r"tie_word_embeddings=True but the weights say False"),
                               ({"lora_rank_gate": 16}, r"lora_rank_gate=16 but the weights say 8")]:
         with pytest.raises(ValueError, match=pattern):
-            load_checkpoint(tmp_path / "m.pth", {**_CONV_EPS_THETA, **override})
+            load_checkpoint(tmp_path / "m.pth", {**EPS_THETA, **override})
     _save_hf(tmp_path / "hf", {**cfg.to_dict(), "enable_qk_norm": True}, model.state_dict())
     with pytest.raises(ValueError, match=r"enable_qk_norm=True but the weights say False"):
         load_checkpoint(tmp_path / "hf")
 
 
-class _ConvEvil:
+class _Evil:
     def __init__(self, marker):
         self.marker = marker
 
@@ -766,19 +766,19 @@ class _ConvEvil:
 @pytest.mark.parametrize("how", ["torch.save", "pickle"])
 def test_pth_whose_pickle_would_run_code_is_refused(tmp_path, how):
     marker = tmp_path / "pwned"
-    payload = {"emb.weight": torch.zeros(4, 2), "blocks.0.att.r_k": _ConvEvil(marker)}
+    payload = {"emb.weight": torch.zeros(4, 2), "blocks.0.att.r_k": _Evil(marker)}
     if how == "torch.save":
         torch.save(payload, tmp_path / "evil.pth")
     else:
         with open(tmp_path / "evil.pth", "wb") as f:
             pickle.dump(payload, f)
     with pytest.raises(ValueError, match=r"evil\.pth: cannot be loaded as a weights-only torch checkpoint"):
-        load_checkpoint(tmp_path / "evil.pth", _CONV_EPS_THETA)
+        load_checkpoint(tmp_path / "evil.pth", EPS_THETA)
     assert not marker.exists()
 
 
 def test_existing_output_is_kept_without_overwrite(tmp_path):
-    cfg, model = _conv_model(TINY)
+    cfg, model = _config_and_model(TINY)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -790,7 +790,7 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing_half_written(tmp_path):
-    cfg, model = _conv_model(TINY)
+    cfg, model = _config_and_model(TINY)
     sd = dict(model.state_dict())
 
     def boom():
@@ -820,7 +820,7 @@ def test_failure_while_writing_leaves_nothing_half_written(tmp_path):
 # Initialisation from a teacher
 
 
-def _conv_teacher(path, kind, dtype=torch.bfloat16, seed=0):
+def _save_teacher(path, kind, dtype=torch.bfloat16, seed=0):
     """A tiny Llama / Qwen2 (q/k/v biases, no flag, tied) / Qwen3 (q_norm/k_norm, head_dim != C/H) checkpoint."""
     C, L, H, KV, I, V = 32, 4, 4, 2, 48, 40
     N = 12 if kind == "qwen3" else C // H
@@ -857,7 +857,7 @@ def _conv_teacher(path, kind, dtype=torch.bfloat16, seed=0):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_init_from_teacher(tmp_path, kind):
-    tc, teacher = _conv_teacher(tmp_path / "teacher", kind)
+    tc, teacher = _save_teacher(tmp_path / "teacher", kind)
     init_from_teacher(tmp_path / "teacher", tmp_path / "student", [1], seed=3, max_shard_bytes=40_000)
     cfg, sd = load_checkpoint(tmp_path / "student")
     assert (cfg.rwkv_architecture, cfg.transformer_layers, cfg.num_hidden_layers) == ("hxa079", [1], 4)
@@ -882,15 +882,15 @@ def test_init_from_teacher(tmp_path, kind):
             expect = (teacher[key.replace(name, src)].float() * s).bfloat16()
             assert torch.equal(sd[key], expect), key
     student = HRWKV7ForCausalLM.from_pretrained(tmp_path / "student")
-    assert _conv_logits(student, cfg).isfinite().all()
+    assert _logits_of(student, cfg).isfinite().all()
 
 
 def test_teacher_init_values_follow_the_formulas(tmp_path):
-    _conv_teacher(tmp_path / "teacher", "llama", dtype=torch.float32)
+    _save_teacher(tmp_path / "teacher", "llama", dtype=torch.float32)
     init_from_teacher(tmp_path / "teacher", tmp_path / "s", [2], ranks={"lora_rank_decay": 16, "lora_rank_gate": 8},
                       qkvo_scale=(1, 1, 1, 1))
     cfg, sd = load_checkpoint(tmp_path / "s")
-    _, teacher = _conv_teacher(tmp_path / "again", "llama", dtype=torch.float32)
+    _, teacher = _save_teacher(tmp_path / "again", "llama", dtype=torch.float32)
     for old, new in [("q_proj", "receptance"), ("k_proj", "key"), ("v_proj", "value"), ("o_proj", "output")]:
         p = "model.layers.0.self_attn."
         assert torch.equal(sd[f"{p}{new}.weight"], teacher[f"{p}{old}.weight"])
@@ -928,7 +928,7 @@ def test_teacher_problems_and_cli(tmp_path, capsys):
     assert default_lora_ranks(6144) == {"lora_rank_decay": 320, "lora_rank_iclr": 128,
                                         "lora_rank_value_residual_mix": 96, "lora_rank_key_residual_mix": 96,
                                         "lora_rank_gate": 384}
-    tc, sd = _conv_teacher(tmp_path / "t", "llama")
+    tc, sd = _save_teacher(tmp_path / "t", "llama")
     convert.main(["from-teacher", str(tmp_path / "t"), str(tmp_path / "s"), "--transformer-layers", "1,3",
                   "--seed", "2"])
     assert "2 RWKV + 2 GQA  (RGRG" in capsys.readouterr().out
