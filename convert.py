@@ -8,19 +8,23 @@ Load, check and write hxa079 checkpoints, one tensor at a time.
     python convert.py SRC DST [--set key=value ...] [--dtype bfloat16] [--max-shard-size 5GB] [--force]
     python convert.py from-teacher TEACHER DST --transformer-layers 5,11,17 [--seed 0]
 
+`hrwkv7_ref.HRWKV7ForCausalLM.from_pretrained` reads a complete HF-layout checkpoint by itself;
+this file adds the other formats, config inference from the tensor shapes, writing, initialisation
+from a teacher, and a diagnosis of bad checkpoints that names what is wrong. It builds on
+hrwkv7_ref.py (one way: the model file never imports this one).
+
 Laziness (how a 40 GB checkpoint converts in bounded memory). `load_checkpoint` reads only the
 file headers: it returns a `LazyStateDict`, a read-only mapping whose `sd[key]` reads that one
 tensor from disk on each access (nothing is cached), and whose `sd.ref(key)` is a `TensorRef`
 (shape, dtype, `load(dtype, device)`) that reads nothing until loaded. `save_checkpoint` accepts a
-mapping whose values are tensors or TensorRefs; it writes each safetensors header from shapes and
-dtypes alone (safetensors' own writer wants a whole shard in memory), then loads each tensor, writes
-it (cast through a 16 MiB buffer) and lets it go: the peak is about the largest tensor, whatever the
-shard sizes. `from_pretrained` loads each tensor cast to the requested dtype as it arrives.
+mapping whose values are tensors or TensorRefs; it loads the tensors of one shard (cast to the
+output dtype), writes them with `safetensors.torch.save_file` and lets them go before the next
+shard: the peak is about the largest shard.
 
 Every check runs before anything is written: names and shapes against the config (`check_state_dict`
-on a meta-device model), dtypes (floating point only), index entries (inside the checkpoint
-directory), file integrity (safetensors headers). Output goes to a temporary directory beside the
-destination and is renamed into place only once complete.
+on a meta-device model), dtypes (floating point only), index entries (bare file names of the
+checkpoint directory), file integrity (safetensors headers). Output goes to a temporary directory
+beside the destination and is renamed into place only once complete.
 """
 from __future__ import annotations
 
