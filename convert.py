@@ -742,8 +742,13 @@ def main(argv=None):
     return summary
 
 
-if __name__ == "__main__":
+def cli():
+    """The command line, bad input reported as one line (the `hrwkv7-convert` command)."""
     try:
         main()
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -705,16 +705,19 @@ def run_checkpoint(path, prompt, max_new_tokens, temperature, top_p):
         print(model.generate(ids, max_new_tokens, temperature, top_p)[0].tolist())
 
 
-if __name__ == "__main__":
+def main(argv=None):
     ap = argparse.ArgumentParser(description="hxa079 reference: demo on a tiny random model, or run a checkpoint")
     ap.add_argument("--model", help="HF-layout checkpoint directory")
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.9)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.model:
         run_checkpoint(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p)
     else:
         demo()
-    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
