@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from hrwkv7_ref import (HXA079_BIASES, HXA079_LORA, HRWKV7Config, HRWKV7ForCausalLM, check_state_dict,
-                        fold_rope_keys, safetensors_files)
+                        fold_rope_keys, resolve_checkpoint, safetensors_files)
 
 # safetensors dtype names; the integer and bool ones are only read (and refused as weights)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -374,16 +374,17 @@ def _normalise_shapes(refs: dict, model) -> dict:
     return out
 
 
-def load_checkpoint(path, config=None):
+def load_checkpoint(path, config=None, revision=None):
     """(HRWKV7Config, LazyStateDict) from
-      - an HF directory: config.json + model.safetensors, or + model.safetensors.index.json and shards;
+      - an HF directory: config.json + model.safetensors, or + model.safetensors.index.json and shards,
+        or an HF repo id (at `revision`) resolved through the HF cache (hrwkv7_ref.resolve_checkpoint);
       - a single .safetensors file: config from `config`, or a config.json beside it, or the shapes;
       - an RWKV-style .pth (weights_only, memory-mapped; names translated to HF names).
     `config` (an HRWKV7Config or a dict, possibly partial) overrides config.json keys. Whatever the
     shapes determine (sizes, layer kinds, ranks, flags) is inferred and must agree with the config;
     rms_norm_eps and rope_theta (and the head size when no RWKV layer has r_k) must be given.
     Everything is checked against the config before returning; no tensor data is read."""
-    path = os.fspath(path)
+    path = resolve_checkpoint(path, revision)
     given = {}
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "config.json")):
@@ -592,7 +593,7 @@ def _scaled(ref: TensorRef, scale: float) -> TensorRef:
 def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qkvo_scale=(0.5, 0.5, 0.3, 0.5)):
     """(HRWKV7Config, {HF name: TensorRef}) of an hxa079 student of an HF Llama-style teacher.
     Nothing is read but headers; see init_from_teacher."""
-    teacher_dir = os.fspath(teacher_dir)
+    teacher_dir = resolve_checkpoint(teacher_dir)
     tc = fold_rope_keys(_read_json(os.path.join(teacher_dir, "config.json")), os.path.join(teacher_dir, "config.json"))
     window = tc.get("sliding_window") if tc.get("use_sliding_window", True) else None
     if window or "sliding_attention" in (tc.get("layer_types") or []):
@@ -730,12 +731,13 @@ def main(argv=None):
         ap = argparse.ArgumentParser(prog="convert.py", parents=[common], epilog="or: convert.py from-teacher -h",
                                      description="convert an hxa079 checkpoint (HF dir, .safetensors or RWKV .pth) "
                                                  "to an HF directory")
-        ap.add_argument("src")
+        ap.add_argument("src", help="an HF directory or repo id (owner/name), a .safetensors or a .pth file")
         ap.add_argument("dst")
+        ap.add_argument("--revision", help="the repo id's branch, tag or commit")
         ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="config value (JSON, else a string), e.g. rms_norm_eps=1e-5; repeatable")
         args = ap.parse_args(argv)
-        cfg, sd = load_checkpoint(args.src, _parse_set(args.set) or None)
+        cfg, sd = load_checkpoint(args.src, _parse_set(args.set) or None, args.revision)
         summary = save_checkpoint(args.dst, cfg, sd, max_shard_bytes=args.max_shard_size, dtype=args.dtype,
                                   overwrite=args.force, progress=True)
     _print_summary(summary)

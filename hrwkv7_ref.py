@@ -24,7 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -367,6 +367,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
+    def forward(self, x, cos, sin, s, v_first, k_first, wkv_impl="auto"):
+        """x = x + mix(rmsnorm(x));  x = x + mlp(rmsnorm(x)).  s: this layer's state (None: empty);
+        cos, sin, v_first, k_first: the RWKV layers' RoPE tables and first-layer values/keys."""
+        h = self.input_layernorm(x)
+        if self.is_gqa:
+            out, s = self.self_attn(h, s)
+        else:
+            out, s, v_first, k_first = self.self_attn(h, cos, sin, s, v_first, k_first, wkv_impl)
+        x = x + out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, s, v_first, k_first
+
 
 @dataclass
 class HRWKV7State:
@@ -418,13 +430,23 @@ class HRWKV7ForCausalLM(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None) -> "HRWKV7ForCausalLM":
-        """Load an HF-layout checkpoint directory: config.json + model.safetensors, or the shards a
-        model.safetensors.index.json names. `config` (a dict or an HRWKV7Config) overrides keys of
-        config.json. Names and shapes are checked against the config before any tensor is read; each
-        tensor is then read and cast to dtype on device, one at a time. (Other formats, .pth among
-        them, and checkpoints whose config.json is incomplete: convert.py.)"""
-        path = os.fspath(path)
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, *, revision=None,
+                        compute_dtype=None, device_map=None, offload_folder=None,
+                        progress=False) -> "HRWKV7ForCausalLM":
+        """Load an HF-layout checkpoint: config.json + model.safetensors, or the shards a
+        model.safetensors.index.json names. `path` is a directory, or an HF repo id ("owner/name",
+        at `revision`) resolved through the HF cache (see resolve_checkpoint). `config` (a dict or an
+        HRWKV7Config) overrides keys of config.json. Names and shapes are checked against the config
+        before any tensor is read; each tensor is then read and cast to `dtype` on `device`, one at a
+        time. (Other formats, .pth among them, and incomplete config.json files: convert.py.)
+
+        compute_dtype: keep the weights in `dtype` (e.g. bfloat16) but compute in compute_dtype (e.g.
+            float32): each weight is cast when a module reads it (a torch parametrization).
+        device_map: "auto" or {module name: device} ("cpu", "disk", 0, "cuda:1", ...): layers placed
+            across devices with accelerate (its device-map inference, dispatch and disk offload to
+            `offload_folder`); `device` is then unused. Each layer's state stays on its layer's device.
+        progress: a tqdm bar while the tensors load."""
+        path = resolve_checkpoint(path, revision)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
@@ -433,12 +455,26 @@ class HRWKV7ForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         check_state_dict(model, {name: shape for name, (_, shape) in files.items()}, where=path)
+        if device_map is not None:
+            if compute_dtype is not None:
+                raise ValueError("from_pretrained: compute_dtype is not supported together with device_map")
+            return dispatch_checkpoint(model, path, device_map, dtype, offload_folder).eval()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(files), desc="loading tensors", unit="tensor")
         state_dict = {}
         for file in sorted({file for file, _ in files.values()}):
             with safe_open(file, framework="pt") as f:
                 for name in (name for name, (fn, _) in files.items() if fn == file):
                     state_dict[name] = f.get_tensor(name).to(dtype=dtype, device=device)
+                    if bar is not None:
+                        bar.update()
+        if bar is not None:
+            bar.close()
         model.load_state_dict(state_dict, strict=True, assign=True)
+        if compute_dtype is not None and compute_dtype != dtype:
+            compute_in(model, compute_dtype)
         return model.eval()
 
     @property
@@ -460,7 +496,7 @@ class HRWKV7ForCausalLM(nn.Module):
                 ("RWKV", (batch_size, H, N, N), sd) for i in range(cfg.num_hidden_layers)]
 
     def empty_state(self, batch_size: int) -> HRWKV7State:
-        """Zero WKV states and empty KV caches for a batch (what forward uses when state=None)."""
+        """Zero WKV states and empty KV caches for a batch (what state=None means to forward)."""
         dev = self.model.embed_tokens.weight.device
         layers = []
         for kind, shape, dtype in self.state_layout(batch_size):
@@ -505,8 +541,8 @@ class HRWKV7ForCausalLM(nn.Module):
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"input_ids contains token id {hi if hi >= cfg.vocab_size else lo}, "
                              f"outside [0, vocab_size={cfg.vocab_size})")
-        if state is None:
-            state = self.empty_state(B)
+        if state is None:                                               # each layer starts empty
+            state = HRWKV7State([None] * cfg.num_hidden_layers, 0)
         else:
             self.check_state(state, B)
 
@@ -516,36 +552,45 @@ class HRWKV7ForCausalLM(nn.Module):
         v_first = k_first = None
         new_layers = []
         for layer, s in zip(self.model.layers, state.layers):
-            h = layer.input_layernorm(x)
-            if layer.is_gqa:
-                out, s = layer.self_attn(h, s)
-            else:
-                out, s, v_first, k_first = layer.self_attn(h, cos, sin, s, v_first, k_first, self.wkv_impl)
-            x = x + out
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x, s, v_first, k_first = layer(x, cos, sin, s, v_first, k_first, self.wkv_impl)
             new_layers.append(s)
-        logits = F.linear(self.model.norm(x), self.head_weight)         # [B, T, V]
+        x = self.model.norm(x)
+        if self.config.tie_word_embeddings:
+            logits = F.linear(x, self.model.embed_tokens.weight)       # [B, T, V]
+        else:
+            logits = self.lm_head(x)
         return logits, HRWKV7State(new_layers, state.pos + T)
 
     # ---- generation
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: Optional[int] = None, state: Optional[HRWKV7State] = None):
+                 seed: Optional[int] = None, state: Optional[HRWKV7State] = None, eos_token_id=None,
+                 on_token=None):
         """Parallel prefill of input_ids [B, T], then one token at a time through the state.
         temperature == 0 is greedy; top_p < 1 samples from the smallest set of tokens whose
-        probability reaches top_p. Returns [B, T + max_new_tokens]."""
+        probability reaches top_p. Stops early once every sequence has produced one of eos_token_id
+        (an int or a list; a finished sequence is padded with its EOS token). on_token(ids [B, 1]) is
+        called with each new token as soon as it is drawn. Returns [B, T + new tokens]."""
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
+                           device=input_ids.device).reshape(-1)
         gen = torch.Generator(device=input_ids.device)
         gen.manual_seed(seed if seed is not None else torch.seed())
         out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
         logits, state = self(input_ids, state)
         for step in range(max_new_tokens):
             nxt = sample(logits[:, -1], temperature, top_p, gen)          # [B, 1]
+            nxt = torch.where(done, out[-1][:, -1:], nxt)                 # a finished sequence repeats its EOS
             out.append(nxt)
-            if step + 1 < max_new_tokens:
-                logits, state = self(nxt, state)
+            if on_token is not None:
+                on_token(nxt)
+            done |= torch.isin(nxt, eos)
+            if step + 1 == max_new_tokens or bool(done.all()):
+                break
+            logits, state = self(nxt, state)
         return torch.cat(out, dim=1)
 
 
@@ -623,6 +668,81 @@ def check_state_dict(model: nn.Module, shapes: dict, where: str = "checkpoint"):
         raise ValueError(f"{where} does not match the config:\n  " + "\n  ".join(problems))
 
 
+# Files an HF repo id is resolved to: what loading, tokenizing and generating read, nothing else
+CHECKPOINT_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+
+
+def resolve_checkpoint(path_or_repo, revision=None) -> str:
+    """A path that exists, as it is; else an HF repo id ("owner/name") resolved with huggingface_hub
+    to its snapshot directory in the HF cache (downloading CHECKPOINT_FILES only, when online).
+    HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE are honoured (huggingface_hub reads them)."""
+    path = os.fspath(path_or_repo)
+    if os.path.exists(path):
+        return path
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is None:
+        raise FileNotFoundError(f"{path}: no such file or directory, and not an HF repo id (owner/name)")
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:
+        raise ImportError(f"{path} is not a local path; to resolve it as an HF repo id install huggingface_hub "
+                          f"(pip install huggingface_hub)") from None
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=CHECKPOINT_FILES)
+    except Exception as e:
+        where = (f"{path}" + (f" at revision {revision}" if revision else "") + f": not found in the HF cache "
+                 f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r})")
+        raise FileNotFoundError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def dispatch_checkpoint(model: nn.Module, ckpt_dir, device_map, dtype, offload_folder=None) -> nn.Module:
+    """Load ckpt_dir into `model` (built on the meta device) placed by `device_map` ("auto" or
+    {module name: device}), with accelerate: infer_auto_device_map keeps each DecoderLayer whole,
+    load_checkpoint_and_dispatch reads the shards, casts to dtype, offloads "disk" modules to
+    offload_folder and hooks every placed module so its inputs move to its device."""
+    from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, no_split_module_classes=["DecoderLayer"], dtype=dtype)
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map must be 'auto' or a dict {{module name: device}}, got {device_map!r}")
+    for name, dev in device_map.items():
+        if dev == "disk":
+            if offload_folder is None:
+                raise ValueError(f"device_map sends {name!r} to disk: give offload_folder (a directory to write to)")
+            continue
+        try:
+            d = torch.device(dev)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device_map[{name!r}] = {dev!r} is not a device") from None
+        n_cuda = torch.cuda.device_count()
+        if d.type == "meta" or (d.type == "cuda" and (d.index or 0) >= n_cuda) or (
+                d.type not in ("cpu", "cuda", "meta") and not getattr(torch, d.type, None)):
+            raise ValueError(f"device_map[{name!r}] = {dev!r}: no such device here (CUDA devices: {n_cuda})")
+    return load_checkpoint_and_dispatch(model, os.fspath(ckpt_dir), device_map=device_map, dtype=dtype,
+                                        offload_folder=offload_folder, no_split_module_classes=["DecoderLayer"])
+
+
+class _Cast(nn.Module):
+    """A parametrization: the stored tensor, read as `dtype`."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored):
+        return stored.to(self.dtype)
+
+
+def compute_in(model: nn.Module, dtype) -> nn.Module:
+    """Keep every parameter stored as it is, but have each module read it as `dtype` (cast just in
+    time, when the module uses it): e.g. bfloat16 weights, float32 arithmetic."""
+    from torch.nn.utils import parametrize
+    for module in list(model.modules()):
+        for name, _ in list(module.named_parameters(recurse=False)):
+            parametrize.register_parametrization(module, name, _Cast(dtype), unsafe=True)
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Memory: state + KV cache, analytic
 
@@ -689,32 +809,115 @@ def demo():
     assert (full - split).abs().max() / scale < 1e-9 and (full - stepwise).abs().max() / scale < 1e-9
 
 
-def run_checkpoint(path, prompt, max_new_tokens, temperature, top_p):
-    import os
-    model = HRWKV7ForCausalLM.from_pretrained(path)
+def read_json_if_present(path) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def chat_prompt(ckpt_dir, user_message: str) -> str:
+    """The checkpoint's own chat template (tokenizer_config.json's chat_template, or chat_template.jinja)
+    rendered with jinja2 as transformers renders it: a sandboxed environment with trim_blocks and
+    lstrip_blocks, messages, add_generation_prompt=True, the special tokens, raise_exception."""
+    tok_cfg = read_json_if_present(os.path.join(ckpt_dir, "tokenizer_config.json"))
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):                                      # named templates: take "default"
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    jinja_file = os.path.join(ckpt_dir, "chat_template.jinja")
+    if template is None and os.path.exists(jinja_file):
+        with open(jinja_file) as f:
+            template = f.read()
+    if not template:
+        raise ValueError(f"{ckpt_dir}: --chat needs a chat template, and neither tokenizer_config.json's "
+                         f"chat_template nor chat_template.jinja has one")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"{ckpt_dir}: the chat template refused the conversation: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    special = {key: (val.get("content") if isinstance(val, dict) else val) for key, val in tok_cfg.items()
+               if key.endswith("_token")}
+    return env.from_string(template).render(messages=[{"role": "user", "content": user_message}],
+                                            add_generation_prompt=True, **special)
+
+
+def eos_token_ids(ckpt_dir) -> list:
+    """The EOS token id(s) of generation_config.json, else of config.json."""
+    for name in ("generation_config.json", "config.json"):
+        eos = read_json_if_present(os.path.join(ckpt_dir, name)).get("eos_token_id")
+        if eos is not None:
+            return eos if isinstance(eos, list) else [eos]
+    return []
+
+
+def run_checkpoint(model_path, prompt, *, chat=False, dtype=None, device=None, device_map=None, revision=None,
+                   offload_folder=None, max_new_tokens=256, temperature=1.0, top_p=0.9, seed=None):
+    """What `python hrwkv7_ref.py --model ...` does: load, tokenize (the checkpoint's tokenizer.json and,
+    with chat, its chat template), stream the generated text, print load time and tokens/s."""
+    import sys
+    t0 = time.perf_counter()
+    path = resolve_checkpoint(model_path, revision)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device_map is not None or torch.device(device).type != "cpu"
+    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+    model = HRWKV7ForCausalLM.from_pretrained(path, dtype=dtype, device=device, device_map=device_map,
+                                              offload_folder=offload_folder, progress=True)
+    load_s = time.perf_counter() - t0
     tok_path = os.path.join(path, "tokenizer.json")
+    text = chat_prompt(path, prompt) if chat else prompt
     if os.path.exists(tok_path):
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(tok_path)
-        ids = torch.tensor([tok.encode(prompt).ids])
-        out = model.generate(ids, max_new_tokens, temperature, top_p)
-        print(tok.decode(out[0].tolist()))
+        ids = tok.encode(text, add_special_tokens=not chat).ids          # a chat template writes its own BOS
+    elif chat:
+        raise ValueError(f"{path}: --chat needs tokenizer.json")
     else:
-        ids = torch.tensor([[int(t) for t in prompt.split()]])
-        print("no tokenizer.json: the prompt is read as token ids")
-        print(model.generate(ids, max_new_tokens, temperature, top_p)[0].tolist())
+        tok = None
+        print("no tokenizer.json: the prompt is read as token ids", file=sys.stderr)
+        ids = [int(t) for t in prompt.split()]
+    new, times = [], []
+
+    def show(nxt):                                                      # stream: print the text added
+        times.append(time.perf_counter())
+        before = tok.decode(new) if tok else ""
+        new.append(int(nxt[0, 0]))
+        print(tok.decode(new)[len(before):] if tok else f"{new[-1]} ", end="", flush=True)
+    t1 = time.perf_counter()
+    model.generate(torch.tensor([ids], device=device if device_map is None else "cpu"), max_new_tokens,
+                   temperature, top_p, seed=seed, eos_token_id=eos_token_ids(path), on_token=show)
+    print()
+    prefill_s = times[0] - t1                                           # prefill + the first token drawn
+    decode = f"{(len(times) - 1) / (times[-1] - times[0]):.1f} tokens/s" if len(times) > 1 else "-"
+    print(f"[load {load_s:.1f} s ({dtype}, {device if device_map is None else 'device_map'}); prefill "
+          f"{len(ids)} tokens at {len(ids) / prefill_s:.1f} tokens/s; decode {len(times) - 1} tokens at {decode}]",
+          file=sys.stderr)
+    return ids + new
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="hxa079 reference: demo on a tiny random model, or run a checkpoint")
-    ap.add_argument("--model", help="HF-layout checkpoint directory")
+    ap = argparse.ArgumentParser(description="hxa079 reference: the demo on a tiny random model (no --model), "
+                                             "or run a checkpoint")
+    ap.add_argument("--model", help="HF-layout checkpoint directory, or an HF repo id (owner/name)")
+    ap.add_argument("--revision", help="the repo id's branch, tag or commit")
     ap.add_argument("--prompt", default="The capital of France is")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
+                    help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    ap.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    ap.add_argument("--device-map", help="'auto': spread the layers over the GPUs, the CPU and --offload-folder")
+    ap.add_argument("--offload-folder", help="where --device-map may offload layers to disk")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--seed", type=int)
     args = ap.parse_args(argv)
     if args.model:
-        run_checkpoint(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p)
+        run_checkpoint(args.model, args.prompt, chat=args.chat, dtype=args.dtype and getattr(torch, args.dtype),
+                       device=args.device, device_map=args.device_map, revision=args.revision,
+                       offload_folder=args.offload_folder, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     else:
         demo()
 

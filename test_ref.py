@@ -382,6 +382,118 @@ def test_two_files_copied_alone_load_a_checkpoint(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
+def test_device_map_with_disk_offload_gives_the_plain_logits(tmp_path):
+    pytest.importorskip("accelerate")
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
+    src = _tiny_model(cfg, seed=6).float()
+    _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "disk"}
+    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                              offload_folder=tmp_path / "offload")
+    with torch.no_grad():
+        want, want_state = src(ids)
+        got, state = model(ids)
+        assert torch.equal(got, want)
+        assert torch.equal(model(ids[:, :2], state)[0], src(ids[:, :2], want_state)[0])   # decoding on
+    assert torch.equal(model.generate(ids[:1], 4, temperature=0), src.generate(ids[:1], 4, temperature=0))
+    with pytest.raises(ValueError, match=r"device_map\['model.layers.0'\] = 'cuda:7': no such device"):
+        HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map={**device_map, "model.layers.0": "cuda:7"},
+                                          offload_folder=tmp_path / "offload")
+    with pytest.raises(ValueError, match="give offload_folder"):
+        HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map)
+
+
+def test_bfloat16_weights_float32_compute_match_float64(tmp_path):
+    # the same bf16-rounded weights, run once in float64 and once stored bf16 / computed float32
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1], "hidden_size": 64, "head_dim": 16})
+    src = _tiny_model(cfg, seed=7).bfloat16()
+    _save_hf(tmp_path / "ckpt", cfg, src.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(7))
+    ref = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
+    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}   # stored: bf16 only
+    with torch.no_grad():
+        got, want = model(ids)[0], ref(ids)[0]
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5     # float32 rounding, not bf16's
+
+
+def _write_tokenizer(path, vocab_size, eos):
+    """A word-level tokenizer.json (the tokenizers package), a chat template and generation_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["<s>", "</s>", "<unk>", "user", "assistant", "a", "b", "c"]
+    vocab = {w: i for i, w in enumerate(words + [f"t{i}" for i in range(len(words), vocab_size)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s>\n{% endfor %}"
+                "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>",
+                                                            "eos_token": {"content": "</s>"}}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return tok
+
+
+def _hub_cache(cache, repo_id, src, commit="0123456789abcdef0123456789abcdef01234567"):
+    """src's files laid out as huggingface_hub's cache keeps a snapshot: refs/main holds the commit,
+    snapshots/<commit>/<file> are links into ../../blobs/<sha256>."""
+    import hashlib
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name in os.listdir(src):
+        data = (src / name).read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        os.symlink(f"../../blobs/{blob}", repo / "snapshots" / commit / name)
+
+
+def test_repo_id_from_the_hub_cache_and_the_chat_command(tmp_path):
+    # an HF repo id resolved offline from a hub cache (sharded files as links into blobs/), by the
+    # model, by convert.py and by the command users run, with the checkpoint's own chat template
+    pytest.importorskip("huggingface_hub")
+    pytest.importorskip("jinja2")
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
+    src = _tiny_model(cfg, seed=8).float()
+    ckpt = _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=3)
+    tok = _write_tokenizer(ckpt, cfg.vocab_size, eos=1)
+    _hub_cache(tmp_path / "hub", "owner/tiny-hxa079", ckpt)
+    chat = "<s> user a b c </s>\n<s> assistant "
+    ids = tok.encode(chat, add_special_tokens=False).ids
+    with torch.no_grad():
+        want_logits = src(torch.tensor([ids]))[0]
+        want = src.generate(torch.tensor([ids]), 6, temperature=0, eos_token_id=1)[0, len(ids):].tolist()
+    torch.save(want_logits, tmp_path / "want.pt")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    script = f"""
+import torch, convert, hrwkv7_ref
+from hrwkv7_ref import HRWKV7ForCausalLM, chat_prompt, resolve_checkpoint
+assert chat_prompt(resolve_checkpoint("owner/tiny-hxa079"), "a b c") == {chat!r}
+m = HRWKV7ForCausalLM.from_pretrained("owner/tiny-hxa079")
+assert torch.equal(m(torch.tensor([{ids}]))[0], torch.load({str(tmp_path / "want.pt")!r}))
+cfg, sd = convert.load_checkpoint("owner/tiny-hxa079")
+assert cfg.transformer_layers == [1] and len(sd) == {len(src.state_dict())}
+try:
+    HRWKV7ForCausalLM.from_pretrained("owner/not-there")
+except FileNotFoundError as e:
+    print("ERROR:", e)
+print("---", flush=True)
+hrwkv7_ref.main(["--model", "owner/tiny-hxa079", "--prompt", "a b c", "--chat", "--temperature", "0",
+                 "--max-new-tokens", "6"])   # what `python hrwkv7_ref.py --model ...` runs
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.returncode == 0, run.stderr
+    error, cli = run.stdout.split("ERROR:")[1].split("---\n")
+    assert "owner/not-there" in error and str(tmp_path / "hub") in error and "HF_HUB_OFFLINE='1'" in error
+    assert cli.strip() == tok.decode(want)                           # streamed, stopped at the EOS
+    assert re.search(rf"\[load .* prefill {len(ids)} tokens at .* tokens/s; decode {len(want) - 1} tokens at "
+                     rf".*tokens/s\]", run.stderr)
+
+
 def test_from_pretrained_names_bad_tensors(tmp_path):
     cfg = HRWKV7Config.from_dict(TINY)
     src = _tiny_model(cfg)
@@ -416,6 +528,22 @@ def test_generate_greedy_equals_argmax_of_full_forward():
     assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
     a = model.generate(prompt, 5, temperature=0.8, top_p=0.9, seed=1)
     assert torch.equal(a, model.generate(prompt, 5, temperature=0.8, top_p=0.9, seed=1))
+
+
+def test_generate_streams_and_stops_at_eos():
+    cfg = HRWKV7Config.from_dict(TINY)
+    model = _tiny_model(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+    free = model.generate(prompt, 8, temperature=0)
+    eos = int(free[0, 7])                                            # row 0's third new token
+    seen = []
+    out = model.generate(prompt, 8, temperature=0, eos_token_id=[eos, 10 ** 6], on_token=seen.append)
+    assert torch.equal(torch.cat(seen, 1), out[:, 5:])
+    stop = [int((free[b, 5:] == eos).nonzero()[0]) + 1 if (free[b, 5:] == eos).any() else 8 for b in range(2)]
+    assert out.shape[1] == 5 + max(stop)                             # stops when every row has ended
+    for b in range(2):
+        assert torch.equal(out[b, :5 + stop[b]], free[b, :5 + stop[b]])
+        assert torch.all(out[b, 5 + stop[b]:] == eos)                # an ended row repeats its EOS
 
 
 def test_rmsnorm_computes_in_float32_for_half_inputs():
