@@ -481,6 +481,7 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
                     tensors[name] = refs[name].load(dtype=out_dtype[name], device="cpu").detach().contiguous()
                     bar.update(sizes[name])
                 save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+                os.chmod(os.path.join(tmp, fname), 0o666 & ~umask)       # save_file makes it owner-only
                 written += os.path.getsize(os.path.join(tmp, fname))
                 del tensors
         if n > 1:

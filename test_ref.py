@@ -905,6 +905,16 @@ def test_pth_whose_pickle_would_run_code_is_refused(tmp_path, how):
     assert not marker.exists()
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    cfg, model = _config_and_model(TINY)
+    save_checkpoint(tmp_path / "out", cfg, model.state_dict(), max_shard_bytes=20_000)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path / "out"):
+        assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o666 & ~umask, name
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_existing_output_is_kept_without_overwrite(tmp_path):
     cfg, model = _config_and_model(TINY)
     (tmp_path / "out").mkdir()
