@@ -713,12 +713,13 @@ def _print_summary(s: dict):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "convert.py"   # or hrwkv7-convert
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dtype", type=_dtype, help="cast every tensor, e.g. bfloat16")
     common.add_argument("--max-shard-size", type=parse_size, help="e.g. 5GB; default: one file")
     common.add_argument("--force", action="store_true", help="replace DST if it exists")
     if argv[:1] == ["from-teacher"]:
-        ap = argparse.ArgumentParser(prog="convert.py from-teacher", parents=[common],
+        ap = argparse.ArgumentParser(prog=f"{prog} from-teacher", parents=[common],
                                      description="initialise an hxa079 student from a Llama-style HF checkpoint")
         ap.add_argument("teacher")
         ap.add_argument("dst")
@@ -729,7 +730,7 @@ def main(argv=None):
         summary = init_from_teacher(args.teacher, args.dst, args.transformer_layers, seed=args.seed, dtype=args.dtype,
                                     max_shard_bytes=args.max_shard_size, overwrite=args.force, progress=True)
     else:
-        ap = argparse.ArgumentParser(prog="convert.py", parents=[common], epilog="or: convert.py from-teacher -h",
+        ap = argparse.ArgumentParser(prog=prog, parents=[common], epilog=f"or: {prog} from-teacher -h",
                                      description="convert an hxa079 checkpoint (HF dir, .safetensors or RWKV .pth) "
                                                  "to an HF directory")
         ap.add_argument("src", help="an HF directory or repo id (owner/name), a .safetensors or a .pth file")
