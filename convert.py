@@ -469,8 +469,12 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
     os.chmod(tmp, 0o777 & ~umask)                                 # as os.makedirs would have made it
     written = 0
     try:
+        config_json = cfg.to_dict()
+        if len(set(out_dtype.values())) == 1:                       # what HF tools read as the weights' dtype
+            name = str(next(iter(out_dtype.values()))).removeprefix("torch.")
+            config_json.update({key: name for key in ("torch_dtype",) if key in config_json}, dtype=name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+            json.dump(config_json, f, indent=2)
         bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=os.path.basename(out_dir),
                    disable=not progress)
         with bar:
@@ -597,7 +601,9 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
     teacher_dir = resolve_checkpoint(teacher_dir)
     tc = fold_rope_keys(_read_json(os.path.join(teacher_dir, "config.json")), os.path.join(teacher_dir, "config.json"))
     window = tc.get("sliding_window") if tc.get("use_sliding_window", True) else None
-    if window or "sliding_attention" in (tc.get("layer_types") or []):
+    if "layer_types" in tc:                                      # transformers >= 4.5x says it per layer
+        window = window if "sliding_attention" in (tc["layer_types"] or []) else None
+    if window:
         warnings.warn(f"{teacher_dir}: the teacher uses sliding-window attention (sliding_window={window!r}); "
                       f"the student's GQA layers attend to the whole context", stacklevel=2)
     missing = [k for k in _TEACHER_REQUIRED if tc.get(k) is None]
@@ -608,7 +614,8 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
     has = lambda pattern: any(re.fullmatch(_LAYER + pattern, k) for k in trefs)  # noqa: E731
     if has(r"self_attn\.o_proj\.bias"):
         raise ValueError(f"{teacher_dir}: the teacher has o_proj biases; the hxa079 model has no output bias")
-    d = {k: v for k, v in tc.items() if v is not None or k not in ("num_key_value_heads", "head_dim")}
+    d = {k: v for k, v in tc.items() if (v is not None or k not in ("num_key_value_heads", "head_dim"))
+         and k not in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")}
     d.setdefault("num_key_value_heads", tc["num_attention_heads"])
     d.update(tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
              attention_bias=has(r"self_attn\.[qkv]_proj\.bias"), enable_qk_norm=has(r"self_attn\.[qk]_norm\.weight"),

@@ -738,7 +738,10 @@ def test_dtype_cast_bf16_and_float64_loading(tmp_path):
     cfg, model = _config_and_model({**TINY, "enable_qk_norm": True, "attention_bias": True})
     _save_hf(tmp_path / "src", cfg, model.state_dict(), shards=3)
     _, sd = load_checkpoint(tmp_path / "src")
-    save_checkpoint(tmp_path / "bf16", cfg, sd, dtype=torch.bfloat16, max_shard_bytes=50_000)
+    save_checkpoint(tmp_path / "bf16", HRWKV7Config.from_dict({**cfg.to_dict(), "torch_dtype": "float32"}), sd,
+                    dtype=torch.bfloat16, max_shard_bytes=50_000)
+    written = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"   # what HF tools read, not the source's
     _, sd16 = load_checkpoint(tmp_path / "bf16")
     _same_tensors(dict(sd16), {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
     m64 = HRWKV7ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float64)
