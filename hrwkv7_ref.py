@@ -318,9 +318,77 @@ class RWKV7TimeMix(nn.Module):
 # NoPE GQA attention
 
 
+def causal_attention_reference(q, k, v):
+    """o = softmax(q K^T * N^-0.5 + mask) V, the definition, materialising every score.
+    q [B, H, T, N] (the T new queries), k, v [B, KV, P+T, N] (P cached keys, then the T new ones);
+    head h reads KV head h // (H / KV); mask[i, j] = -inf where j > P + i (query i sees keys
+    j <= P + i). Computed in >= float32 and returned in q's dtype. Memory O(H T (P+T)): for tests
+    and short inputs."""
+    B, H, T, N = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    P = S - T                                                           # cached positions
+    dt = torch.promote_types(q.dtype, torch.float32)
+    kr = k.to(dt).repeat_interleave(H // KV, dim=1)                     # [B, H, S, N]
+    vr = v.to(dt).repeat_interleave(H // KV, dim=1)                     # [B, H, S, N]
+    att = (q.to(dt) @ kr.transpose(-1, -2)) * N ** -0.5                 # [B, H, T, S]
+    i = torch.arange(T, device=q.device)[:, None] + P
+    j = torch.arange(S, device=q.device)[None, :]
+    att = att.masked_fill(j > i, float("-inf"))
+    return (torch.softmax(att, dim=-1) @ vr).to(q.dtype)               # [B, H, T, N]
+
+
+def causal_attention(q, k, v, block_elements: int = 2 ** 22):
+    """causal_attention_reference(q, k, v) through F.scaled_dot_product_attention (grouped heads with
+    enable_gqa=True, flash kernels on CUDA and the CPU), in memory linear in the context.
+    q [B, H, T, N], k, v [B, KV, P+T, N] -> o [B, H, T, N].
+      T == 1 (a decode step): one call, no mask (the new query sees every key).
+      P == 0 (a fresh prefill): one call, is_causal=True (top-left == end alignment when P == 0).
+      P > 0 and T > 1 (a prefill after a cache): blocks of bq = block_elements // (P + T) queries
+        (at least 1), block [t0, t1) over the keys [0, P + t1) with an additive mask (-inf where
+        j > P + i, broadcast over batch and heads); all blocks' masks are views of one [bq, P + T]
+        tensor, the only memory this path adds (see attention_transient_bytes)."""
+    B, H, T, N = q.shape
+    S = k.shape[2]
+    P = S - T                                                           # cached positions
+    if T == 1 or P == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+    bq = max(1, min(T, block_elements // S))                            # queries per block
+    # One mask for every block: mask[i, j] = -inf where j > S - bq + i. Block [t0, t1) (queries
+    # P + t0 ..., keys [0, P + t1)) takes its last t1 - t0 rows and last P + t1 columns, a view.
+    mask = torch.full((bq, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - bq + 1)  # [bq, S]
+    o = torch.empty_like(q)                                             # [B, H, T, N]
+    for t0 in range(0, T, bq):
+        t1 = min(T, t0 + bq)
+        o[:, :, t0:t1] = F.scaled_dot_product_attention(
+            q[:, :, t0:t1], k[:, :, :P + t1], v[:, :, :P + t1],
+            attn_mask=mask[bq - (t1 - t0):, S - (P + t1):], enable_gqa=True)
+    return o
+
+
+def attention_transient_bytes(new_tokens: int, context: int, dtype_bytes: int = 4,
+                              block_elements: int = 2 ** 22) -> int:
+    """Bytes causal_attention allocates per call beyond q, k, v and its output, when `new_tokens`
+    queries attend over `context` keys (context = cached + new): after a cache, the one additive
+    mask [bq, context] in the model dtype, bq = min(new_tokens, block_elements // context) (at least
+    1), so at most max(block_elements, context) numbers whatever the context; nothing for a fresh
+    prefill or a decode step. The same for any batch and number of heads (the mask is broadcast).
+    Not counted: the flash kernel's per-thread tiles (on a CPU, float32 [q_split, kv_split] scores
+    and [q_split, N] accumulators per thread, about 1-3 MB on 2 threads)."""
+    if new_tokens == 1 or new_tokens == context:
+        return 0
+    bq = max(1, min(new_tokens, block_elements // context))
+    return bq * context * dtype_bytes
+
+
 class GQAAttention(nn.Module):
     """Causal softmax attention, grouped KV heads, no position encoding, with a KV cache:
-        o = softmax(q K^T * N^-0.5 + causal mask) V   over [cached keys, new keys]."""
+        o = softmax(q K^T * N^-0.5 + causal mask) V   over [cached keys, new keys]
+    computed by causal_attention (scaled_dot_product_attention, memory linear in the context),
+    which the tests hold to causal_attention_reference, the formula written out.
+    Which SDPA kernel runs: on a CPU with torch >= 2.9 its flash kernel in every case (float64,
+    float32, bfloat16 with float32 scores and softmax); with older torch on a CPU, and for float32 on
+    CUDA, SDPA falls back to its math kernel, which materialises the scores of a fresh prefill
+    (exact still, but O(T^2) memory)."""
 
     def __init__(self, cfg: HRWKV7Config, layer_id: int):
         super().__init__()
@@ -335,6 +403,7 @@ class GQAAttention(nn.Module):
             self.k_norm = RMSNorm(N, cfg.rms_norm_eps)
 
     def forward(self, x, cache):
+        """x [B, T, C], cache (k, v) [B, KV, P, N] or None -> out [B, T, C], (k, v) [B, KV, P+T, N]."""
         B, T, _ = x.shape
         H, KV, N = self.H, self.KV, self.N
         q = self.q_proj(x).view(B, T, H, N)
@@ -342,19 +411,11 @@ class GQAAttention(nn.Module):
         v = self.v_proj(x).view(B, T, KV, N)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)                      # [B, KV, T, N]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, N], [B, KV, T, N]
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # [B, KV, P+T, N]
-        P = k.shape[2] - T                                               # cached positions
-        q = q.transpose(1, 2)                                            # [B, H, T, N]
-        kr, vr = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # [B, H, P+T, N]
-        att = (q @ kr.transpose(-1, -2)) * N ** -0.5                     # [B, H, T, P+T]
-        i = torch.arange(T, device=x.device)[:, None] + P
-        j = torch.arange(P + T, device=x.device)[None, :]
-        att = att.masked_fill(j > i, float("-inf"))
-        att = torch.softmax(att.to(torch.promote_types(att.dtype, torch.float32)), dim=-1).to(q.dtype)
-        o = (att @ vr).transpose(1, 2).reshape(B, T, H * N)              # [B, T, H*N]
-        return self.o_proj(o), (k, v)
+        o = causal_attention(q, k, v)                                       # [B, H, T, N]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * N)), (k, v)
 
 
 # -----------------------------------------------------------------------------

@@ -55,7 +55,8 @@ from bench_wkv import fla_dplr_recurrence, load_fla_dplr_naive  # noqa: E402
 from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,  # noqa: E402
                      parse_size, save_checkpoint)
 from hrwkv7_ref import (HXA079_BIASES, TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,  # noqa: E402
-                        rope_cos_sin, sample, state_bytes)
+                        attention_transient_bytes, causal_attention, causal_attention_reference, rope_cos_sin,
+                        sample, state_bytes)
 from wkv_kernel import (HAS_TRITON, IMPLS, TRITON_INTERPRETED, pick_impl, wkv7, wkv7_chunked,  # noqa: E402
                         wkv7_compiled, wkv7_naive, wkv7_triton)
 
@@ -858,6 +859,171 @@ def test_gqa_cache_equals_plain_causal_attention(H_per_KV, KV, T, P, qk_norm):
         want = layer.o_proj(o.reshape(2, T, H * N))
     assert rel_err(out, want) < 1e-12
     assert kc.shape == (2, KV, P + T, N) and torch.allclose(kc, k.transpose(1, 2))
+
+
+# -----------------------------------------------------------------------------
+# causal_attention (SDPA) against causal_attention_reference (the formula), and the model on it
+
+
+ATTENTION_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+def attention_tolerance(q, k, v):
+    """A bound on max |fast - exact| where exact is the definition computed in float64 on the same
+    (already rounded) inputs. Every output row is a convex combination of rows of v, so errors are
+    measured against max|v|. With u the unit roundoff of the dtype:
+      float64: 1e-12 max|v| (the project's float64 standard; the actual error is ~1e-15).
+      float32: scores, softmax and sums in float32; a score q.k N^-0.5 is rounded to about
+        u |q||k| N^-0.5, which moves each probability by that much relatively (twice, counting the
+        normalisation), and exp, the sums and the output add a few u:
+        16 u (1 + max |q_i||k_j| N^-0.5) max|v|.
+      bfloat16: the kernels (CPU flash, CUDA flash, the reference) compute scores and softmax in
+        float32, but the fused kernels round the probabilities to bfloat16 before the product with
+        V (<= u_bf16 max|v|) and everything rounds the output to bfloat16 (<= u_bf16 max|v|):
+        2 u_bf16 max|v| + the float32 term."""
+    N = q.shape[-1]
+    vmax = v.double().abs().max().item()
+    qk = (q.double().norm(dim=-1).max() * k.double().norm(dim=-1).max()).item() * N ** -0.5
+    f32 = 16 * 2.0 ** -24 * (1 + qk) * vmax
+    if q.dtype == torch.float64:
+        return 1e-12 * vmax
+    if q.dtype == torch.float32:
+        return f32
+    if q.dtype == torch.bfloat16:
+        return 2 * 2.0 ** -8 * vmax + f32
+    raise ValueError(q.dtype)
+
+
+def rms_normalize(x):
+    """What qk-norm does to q and k (RMSNorm with unit weight): every head vector has rms 1."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def random_qkv(B, H, KV, P, T, N, scale, qk_norm, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = scale * torch.randn(B, H, T, N, generator=gen, dtype=torch.float64)       # [B, H, T, N]
+    k = torch.randn(B, KV, P + T, N, generator=gen, dtype=torch.float64)           # [B, KV, P+T, N]
+    v = torch.randn(B, KV, P + T, N, generator=gen, dtype=torch.float64)
+    if qk_norm:
+        q, k = rms_normalize(q), rms_normalize(k)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def test_reference_is_the_causal_softmax_written_per_query():
+    H, KV, P, T, N = 6, 2, 5, 4, 8
+    q, k, v = random_qkv(2, H, KV, P, T, N, 1.0, False, torch.float64, seed=0)
+    o = causal_attention_reference(q, k, v)
+    for i in range(T):
+        for h in range(H):
+            kh, vh = k[:, h // (H // KV), :P + i + 1], v[:, h // (H // KV), :P + i + 1]  # keys j <= P + i
+            p = torch.softmax(torch.einsum("bn,bjn->bj", q[:, h, i], kh) / math.sqrt(N), dim=-1)
+            torch.testing.assert_close(o[:, h, i], torch.einsum("bj,bjn->bn", p, vh), rtol=0, atol=1e-14)
+
+
+@ATTENTION_SETTINGS
+@given(dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), H_per_KV=st.sampled_from([1, 2, 3]),
+       KV=st.sampled_from([1, 2]), P=st.integers(0, 40), T=st.integers(1, 40), N=st.sampled_from([2, 8, 16, 64]),
+       scale=st.sampled_from([0.1, 1.0, 4.0]), qk_norm=st.booleans(), block_elements=st.integers(1, 400),
+       seed=st.integers(0, 2 ** 16))
+def test_fast_attention_equals_definition(dtype, H_per_KV, KV, P, T, N, scale, qk_norm, block_elements, seed):
+    q, k, v = random_qkv(2, H_per_KV * KV, KV, P, T, N, scale, qk_norm, dtype, seed)
+    exact = causal_attention_reference(q.double(), k.double(), v.double())
+    fast = causal_attention(q, k, v, block_elements=block_elements)
+    assert fast.dtype == dtype and fast.shape == q.shape
+    err = (fast.double() - exact).abs().max().item()
+    assert err <= attention_tolerance(q, k, v), (err, attention_tolerance(q, k, v))
+    if dtype == torch.float64:
+        assert rel_err(fast, exact) < 1e-12
+
+
+@pytest.mark.parametrize("attention", [causal_attention_reference, causal_attention])
+def test_bf16_scores_and_softmax_are_float32(attention):
+    """bfloat16 inputs whose scores are 30 and 30 + 15/256 (q = [8, 1, 0, 0], k_j = [7.5, 15/128 or 0,
+    0, 0], N = 4) and values -1 and +1: bfloat16 spaces numbers near 30 by 1/8, so scores rounded to
+    bfloat16 would all be 30 and the output 0 instead of tanh(15/512) = 0.029; computed in float32
+    the output is within the bfloat16 bound. Holds for the definition and for SDPA's kernel."""
+    S, N = 64, 4
+    odd = torch.arange(S) % 2                                           # [S]
+    q = torch.tensor([8.0, 1.0, 0.0, 0.0]).view(1, 1, 1, N).bfloat16()
+    k = torch.zeros(1, 1, S, N, dtype=torch.bfloat16)
+    k[0, 0, :, 0], k[0, 0, :, 1] = 7.5, odd * 15 / 128
+    v = torch.zeros(1, 1, S, N, dtype=torch.bfloat16)
+    v[0, 0, :, 0] = 2 * odd - 1
+    exact = causal_attention_reference(q.double(), k.double(), v.double())
+    assert torch.equal(((q.double() @ k.double().transpose(-1, -2)) / 2).flatten(), 30 + odd.double() * 15 / 256)
+    coarse = torch.softmax(((q @ k.transpose(-1, -2)) / 2).double(), dim=-1) @ v.double()  # scores rounded to bf16
+    assert coarse.abs().max() == 0 and abs(exact[0, 0, 0, 0].item() - math.tanh(15 / 512)) < 1e-15
+    assert exact.abs().max() > 3 * attention_tolerance(q, k, v)
+    assert (attention(q, k, v).double() - exact).abs().max() <= attention_tolerance(q, k, v)
+
+
+def record_sdpa_calls(monkeypatch):
+    """Replace F.scaled_dot_product_attention by a stand-in that records each call's shapes and
+    returns zeros (for mask-size checks at sizes too big to compute here)."""
+    calls = []
+
+    def fake(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), mask=None if attn_mask is None else tuple(attn_mask.shape),
+                          mask_bytes=0 if attn_mask is None else attn_mask.untyped_storage().nbytes(),
+                          is_causal=is_causal))
+        return q.new_zeros(q.shape)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fake)
+    return calls
+
+
+@pytest.mark.parametrize("P, T", [(0, 32768), (32767, 1), (24576, 8192), (8192, 8192), (100, 3)])
+def test_blocked_path_mask_is_bounded(monkeypatch, P, T):
+    """The 4 x 8192 split's last piece (P=24576, T=8192) must not build an 8192 x 32768 mask: every
+    block's mask has <= block_elements numbers (or one row of keys), the blocks cover the T queries
+    in order, each block sees exactly the keys [0, P + end of block), and the masks are views of
+    one tensor of attention_transient_bytes bytes."""
+    calls = record_sdpa_calls(monkeypatch)
+    q, k = torch.empty(1, 4, T, 12), torch.empty(1, 2, P + T, 12)
+    block_elements = 2 ** 22
+    causal_attention(q, k, k, block_elements=block_elements)
+    if P == 0 or T == 1:
+        assert len(calls) == 1 and calls[0]["mask"] is None and calls[0]["is_causal"] == (T > 1)
+        assert attention_transient_bytes(T, P + T) == 0
+        return
+    done = 0
+    for c in calls:
+        bq = c["q"][2]
+        assert c["mask"] == (bq, P + done + bq) and c["k"][2] == P + done + bq
+        assert bq * (P + T) <= max(block_elements, P + T)
+        done += bq
+    assert done == T
+    assert {c["mask_bytes"] for c in calls} == {attention_transient_bytes(T, P + T, block_elements=block_elements)}
+
+
+def test_model_4096_whole_equals_split_equals_token_by_token(monkeypatch):
+    """On the fast path, float32: a 4096-token prefill == 3000 tokens (fresh prefill: is_causal) +
+    1088 (after a cache: the blocked path, 1088 queries over 4088 keys in 2 blocks) + 8 tokens one
+    at a time (decode: no mask), the state carried; logits to 1e-5 relative, the caches too."""
+    sdpa, calls = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[2], k.shape[2], attn_mask is not None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = _tiny_model(HRWKV7Config.from_dict(TINY)).float()
+    ids = torch.randint(0, model.config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole, state = model(ids)
+        a, st = model(ids[:, :3000])
+        b, st = model(ids[:, 3000:4088], st)
+        steps = []
+        for t in range(4088, 4096):
+            lg, st = model(ids[:, t:t + 1], st)
+            steps.append(lg)
+    assert calls == [(4096, 4096, False, True), (3000, 3000, False, True), (1026, 4026, True, False),
+                     (62, 4088, True, False)] + [(1, n, False, False) for n in range(4089, 4097)]
+    assert rel_err(torch.cat([a, b] + steps, dim=1), whole) < 1e-5
+    assert st.pos == state.pos == 4096
+    for s, w in zip(st.layers, state.layers):
+        for x, y in zip(s if isinstance(s, tuple) else [s], w if isinstance(w, tuple) else [w]):
+            assert x.shape == y.shape and rel_err(x, y) < 1e-5
 
 
 # -----------------------------------------------------------------------------
