@@ -498,6 +498,26 @@ def test_wkv_bad_inputs():
         wkv7(x, x, x, x, x, x, impl="fast")
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunked", "triton"])
+def test_float32_log_decay_beside_half_inputs(impl):
+    # the model passes w in float32 beside bf16/fp16 r, k, v, a, b (one bf16 rounding of w near -5
+    # moves the decay by ~1.6%): each form takes it and matches the float64 loop on those inputs
+    if impl == "triton" and not (HAS_TRITON and (TRITON_INTERPRETED or DEVICE == "cuda")):
+        pytest.skip("needs triton (its interpreter, or CUDA)")
+    for dtype in (torch.bfloat16, torch.float16):
+        case = Case(B=2, T=37, H=2, K=24, V=24, dtype=torch.float32, decay="wide", seed=3)
+        xs, S0 = wkv_inputs(case)
+        xs = [x if i == 1 else x.to(dtype) for i, x in enumerate(xs)]   # w stays float32
+        xs, S0 = [x.to(DEVICE) for x in xs], S0.to(DEVICE)
+        y, S = IMPLS[impl](*xs, S0)
+        y_ref, S_ref = wkv7_naive(*(x.double() for x in xs), S0.double())
+        assert y.dtype == dtype and S.dtype == torch.float32
+        assert_close(y, y_ref, f"{impl} {dtype} y")
+        assert_close(S, S_ref, f"{impl} {dtype} S_T")
+    with pytest.raises(ValueError, match="w may be float32"):
+        wkv7_naive(*(x.double() if i == 1 else x for i, x in enumerate(xs)), S0)   # only float32 is let in
+
+
 @pytest.mark.parametrize("decay", ["hxa079", "strong"])
 def test_naive_matches_fla_dplr_recurrence(decay):
     """The definition against an independent implementation, fla-core's dplr_recurrence (float32),
@@ -1283,6 +1303,21 @@ def test_device_map_with_disk_offload_gives_the_plain_logits(tmp_path):
                                           offload_folder=tmp_path / "offload")
     with pytest.raises(ValueError, match="give offload_folder"):
         HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map)
+
+
+def test_bfloat16_model_computes_its_decay_path_in_float32(monkeypatch):
+    import hrwkv7_ref
+    seen = []
+
+    def spy(r, w, *rest, **kw):
+        seen.append((r.dtype, w.dtype))
+        return wkv7(r, w, *rest, **kw)
+    monkeypatch.setattr(hrwkv7_ref, "wkv7", spy)
+    model = _tiny_model(HRWKV7Config.from_dict(TINY)).bfloat16()
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[1, 2, 3, 4]]))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}
 
 
 def test_bfloat16_weights_float32_compute_match_float64(tmp_path):
