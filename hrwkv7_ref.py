@@ -869,6 +869,9 @@ def demo():
     print(f"  hybrid (38 RWKV + 6 GQA): RWKV states {rwkv / gib:.3f} GiB + KV cache {kv / gib:.3f} GiB "
           f"= {(rwkv + kv) / gib:.3f} GiB")
     print(f"  all 44 layers GQA:       KV cache {all_gqa / gib:.3f} GiB  ({all_gqa / (rwkv + kv):.1f}x the hybrid)")
+    extra = attention_transient_bytes(8192, ctx, dtype_bytes=2)
+    print(f"  while prefilling: + {extra / 2 ** 20:.0f} MiB of attention mask for the last 8192 of {ctx} tokens "
+          f"after a cache (0 for a fresh prefill or a decode step)")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     assert (full - split).abs().max() / scale < 1e-9 and (full - stepwise).abs().max() / scale < 1e-9
 
@@ -916,8 +919,8 @@ def eos_token_ids(ckpt_dir) -> list:
     return []
 
 
-def run_checkpoint(model_path, prompt, *, chat=False, dtype=None, device=None, device_map=None, revision=None,
-                   offload_folder=None, max_new_tokens=256, temperature=1.0, top_p=0.9, seed=None):
+def run_checkpoint(model_path, prompt, *, chat=False, dtype=None, compute_dtype=None, device=None, device_map=None,
+                   revision=None, offload_folder=None, max_new_tokens=256, temperature=1.0, top_p=0.9, seed=None):
     """What `python hrwkv7_ref.py --model ...` does: load, tokenize (the checkpoint's tokenizer.json and,
     with chat, its chat template), stream the generated text, print load time and tokens/s."""
     import sys
@@ -927,7 +930,8 @@ def run_checkpoint(model_path, prompt, *, chat=False, dtype=None, device=None, d
     on_gpu = device_map is not None or torch.device(device).type != "cpu"
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     model = HRWKV7ForCausalLM.from_pretrained(path, dtype=dtype, device=device, device_map=device_map,
-                                              offload_folder=offload_folder, progress=True)
+                                              offload_folder=offload_folder, compute_dtype=compute_dtype,
+                                              progress=True)
     load_s = time.perf_counter() - t0
     tok_path = os.path.join(path, "tokenizer.json")
     text = chat_prompt(path, prompt) if chat else prompt
@@ -969,6 +973,8 @@ def main(argv=None):
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                     help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    ap.add_argument("--compute-dtype", choices=["float32", "float64"],
+                    help="compute in this dtype, weights kept in --dtype (e.g. bfloat16 weights, float32 logits)")
     ap.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
     ap.add_argument("--device-map", help="'auto': spread the layers over the GPUs, the CPU and --offload-folder")
     ap.add_argument("--offload-folder", help="where --device-map may offload layers to disk")
@@ -979,7 +985,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.model:
         run_checkpoint(args.model, args.prompt, chat=args.chat, dtype=args.dtype and getattr(torch, args.dtype),
-                       device=args.device, device_map=args.device_map, revision=args.revision,
+                       compute_dtype=args.compute_dtype and getattr(torch, args.compute_dtype), device=args.device, device_map=args.device_map, revision=args.revision,
                        offload_folder=args.offload_folder, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     else:
