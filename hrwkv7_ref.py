@@ -559,15 +559,6 @@ class HRWKV7ForCausalLM(nn.Module):
         return [("GQA", (batch_size, KV, 0, N), self.dtype) if cfg.is_gqa(i) else
                 ("RWKV", (batch_size, H, N, N), sd) for i in range(cfg.num_hidden_layers)]
 
-    def empty_state(self, batch_size: int) -> HRWKV7State:
-        """Zero WKV states and empty KV caches for a batch (what state=None means to forward)."""
-        dev = self.model.embed_tokens.weight.device
-        layers = []
-        for kind, shape, dtype in self.state_layout(batch_size):
-            empty = torch.zeros(shape, dtype=dtype, device=dev)
-            layers.append((empty, empty) if kind == "GQA" else empty)
-        return HRWKV7State(layers, 0)
-
     def check_state(self, state: HRWKV7State, batch_size: int):
         """Raise a ValueError if `state` does not belong to this config, dtype and batch size."""
         layout = self.state_layout(batch_size)
