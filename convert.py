@@ -49,7 +49,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from hrwkv7_ref import (HXA079_BIASES, HXA079_LORA, HRWKV7Config, HRWKV7ForCausalLM, check_state_dict,
-                        fold_rope_keys, resolve_checkpoint, safetensors_files)
+                        fold_rope_keys, override_config, resolve_checkpoint,
+                        safetensors_files)
 
 # safetensors dtype names; the integer and bool ones are only read (and refused as weights)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -401,7 +402,7 @@ def load_checkpoint(path, config=None, revision=None):
         raise FileNotFoundError(f"{path}: no such file or directory")
     else:
         raise ValueError(f"{path}: expected a directory, a .safetensors file or a .pth file")
-    given = {**fold_rope_keys(given, path), **fold_rope_keys(_as_dict(config), "config")}
+    given = override_config(given, _as_dict(config), path)
     _check_dtypes(refs, path)
     cfg = resolve_config({key: tuple(ref.shape) for key, ref in refs.items()}, given, path)
     model = _meta_model(cfg)

@@ -132,8 +132,7 @@ class HRWKV7Config:
             raise ValueError(f"{path}: cannot read a JSON config ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict({**fold_rope_keys(d, str(path)), **fold_rope_keys(overrides or {}, "overrides")},
-                             where=str(path))
+        return cls.from_dict(override_config(d, overrides, str(path)), where=str(path))
 
     def to_dict(self) -> dict:
         """The config.json dict: head_dim always written, the RoPE base both as `rope_theta` and as
@@ -143,6 +142,12 @@ class HRWKV7Config:
         d["transformer_layers"] = list(d["transformer_layers"])
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         return {**self.extra, **d}
+
+
+def override_config(d: dict, overrides: Optional[dict], where: str = "config") -> dict:
+    """config dict d with the keys of `overrides` replacing its own. Each one's RoPE base is read
+    first (fold_rope_keys), so an overriding rope_theta replaces a file's rope_parameters too."""
+    return {**fold_rope_keys(d, where), **fold_rope_keys(overrides or {}, "overrides")}
 
 
 def fold_rope_keys(d: dict, where: str = "config") -> dict:
@@ -760,6 +765,7 @@ def dispatch_checkpoint(model: nn.Module, ckpt_dir, device_map, dtype, offload_f
         device_map = infer_auto_device_map(model, no_split_module_classes=["DecoderLayer"], dtype=dtype)
     if not isinstance(device_map, dict):
         raise ValueError(f"device_map must be 'auto' or a dict {{module name: device}}, got {device_map!r}")
+    n_cuda = torch.cuda.device_count()
     for name, dev in device_map.items():
         if dev == "disk":
             if offload_folder is None:
@@ -769,7 +775,6 @@ def dispatch_checkpoint(model: nn.Module, ckpt_dir, device_map, dtype, offload_f
             d = torch.device(dev)
         except (RuntimeError, TypeError):
             raise ValueError(f"device_map[{name!r}] = {dev!r} is not a device") from None
-        n_cuda = torch.cuda.device_count()
         if d.type == "meta" or (d.type == "cuda" and (d.index or 0) >= n_cuda) or (
                 d.type not in ("cpu", "cuda", "meta") and not getattr(torch, d.type, None)):
             raise ValueError(f"device_map[{name!r}] = {dev!r}: no such device here (CUDA devices: {n_cuda})")
@@ -976,7 +981,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.model:
         run_checkpoint(args.model, args.prompt, chat=args.chat, dtype=args.dtype and getattr(torch, args.dtype),
-                       compute_dtype=args.compute_dtype and getattr(torch, args.compute_dtype), device=args.device, device_map=args.device_map, revision=args.revision,
+                       compute_dtype=args.compute_dtype and getattr(torch, args.compute_dtype), device=args.device,
+                       device_map=args.device_map, revision=args.revision,
                        offload_folder=args.offload_folder, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     else:

@@ -267,10 +267,11 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factore
            the diagonal, exp(g_t - g_s) <= e^span: far from overflow (3e38 / 1e308), no inf or
            NaN anywhere, also not in the backward pass.
        (`wkv7_triton` splits the same way.) hxa079's log decay is |w| <= e^-0.5 = 0.61 per
-       token, so span <= 39 at C = 64: its chunks always take this path. A chunk over the threshold (e.g. w down to -30) instead
-       builds the [C, C, K] tensors exp(g_t - g_s) and exp(g_{t-1} - g_s) themselves, each
-       exponent a sum over its own segment and set to -inf above the diagonal (every entry in
-       [0, 1]): exact for any decay, at ~C times the memory and elementwise work.
+       token, so span <= 39 at C = 64: its chunks always take this path. A chunk over the
+       threshold (e.g. w down to -30) instead builds the [C, C, K] tensors exp(g_t - g_s) and
+       exp(g_{t-1} - g_s) themselves, each exponent a sum over its own segment and set to -inf
+       above the diagonal (every entry in [0, 1]): exact for any decay, at ~C times the memory
+       and elementwise work.
        Rounding: g is a running sum, so exp(g) carries a relative error ~|g| * eps (float32:
        <= 39 * 6e-8 = 2.4e-6 for hxa079 at C = 64; the naive loop's products of exp(w) do
        better, ~2e-7). In chunks over the threshold the decays to the chunk end, g_C - g_s,
