@@ -1,17 +1,26 @@
 """
 The WKV-7 recurrence: the definition (a plain loop over time) and its faster forms.
+The model it serves, and this recurrence's place in it, are specified in SPEC.md (§5 the
+recurrence, §4 the hxa079 time-mix that calls it, §13 its symbols against the RWKV-7 paper's).
 
 Every form here has one signature and one meaning:
 
     y, S_T = wkv7_<form>(r, w, k, v, a, b, state=None, <tunables as keyword arguments>)
 
-    r, w, k, a, b : [B, T, H, K]     receptance, LOG decay (w <= 0), key, and the two
-                                     vectors of the rank-1 state correction
-    v             : [B, T, H, V]     value (K == V == head_dim in hxa079; the names stay apart)
-    state         : [B, H, K, V]     S_0, or None for zeros
-                                     (one dtype; w may be float32 beside bfloat16/float16)
-    y             : [B, T, H, V]     in r's dtype
-    S_T           : [B, H, K, V]     float32 (float64 when the inputs are float64)
+    r, k, a, b : [B, T, H, K]   receptance, key, and the two vectors of the rank-1 state correction
+    w          : [B, T, H, K]   the LOG decay (w <= 0: the state decays by exp(w) per token)
+    v          : [B, T, H, V]   value (K == V == head_dim in hxa079; the names stay apart)
+    state      : [B, H, K, V]   S_0, or None for zeros
+    y          : [B, T, H, V]
+    S_T        : [B, H, K, V]   the state after the last token
+
+Dtypes (state_dtype below is the one place the state's rule is written):
+    r, k, v, a, b   one floating dtype, the input dtype: float64, float32, bfloat16 or float16
+                    (wkv7_triton: not float64)
+    w               the input dtype, or float32 beside bfloat16/float16 inputs
+    state, S_T      state_dtype(input dtype): float64 for float64 inputs, float32 for all others
+    y               the input dtype
+All on one device. Every form computes in the state dtype.
 
 Per batch element and head, with S_t a [K, V] matrix:
 
@@ -25,13 +34,13 @@ and iclr in (0, 1)^K a per-channel "in-context learning rate", so the middle ter
 the value currently stored under kk (kk^T S), written back negatively along iclr * kk: with
 iclr = 1 the old value under kk is erased, before k v^T writes the new one.
 
-The state layout [B, H, K, V] (key index first) is fla's; RWKV's CUDA kernels keep the
-transpose [B, H, V, K]. The state is always accumulated in float32 (float64 for float64
-inputs), whatever the inputs' dtype.
+The state layout [B, H, K, V] (key index first) is fla's; RWKV's CUDA kernels, and the RWKV-7
+paper's wkv_t, keep the transpose [B, H, V, K] (SPEC.md §5).
 
 The file, top to bottom:
   - `wkv7_naive`: the definition, one token at a time;
-  - `wkv7_chunked`: the chunked parallel form, derived in its docstring, exact for any decay;
+  - `wkv7_chunked`: the chunked parallel form, exact for any decay, derived step by step in
+    the comment block that opens its section, before the helpers that cite the steps;
   - `wkv7_compiled`: the same chunked code under torch.compile;
   - `wkv7_triton`: the chunked form as Triton kernels (forward only; CUDA, or Triton's CPU
     interpreter with TRITON_INTERPRET=1 set before this module is imported);
@@ -47,13 +56,16 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs keep float64; everything else accumulates in float32."""
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the WKV state is kept (and accumulated) in for inputs of `dtype`: float64 inputs keep
+    float64; everything else (float32, bfloat16, float16) accumulates in float32. The one place this
+    rule is written; the model imports it."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# A log decay w near -5 loses up to 1.6% of itself to one bfloat16 rounding, so w may come in float32
-# beside inputs in these dtypes (every form computes in float32 anyway).
+# The log decay w may come in float32 beside inputs in these dtypes (every form computes in float32
+# anyway): one bfloat16 rounding moves w by up to 0.4% of itself, and the decay over n tokens,
+# exp(n w), by n times that in its exponent; the model's decay path (SPEC.md §4) is float32 too.
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -79,8 +91,8 @@ def check_wkv7_inputs(r, w, k, v, a, b, state=None):
     if state is not None:
         if tuple(state.shape) != (B, H, K, V):
             raise ValueError(f"wkv7: state has shape {tuple(state.shape)}, expected [B, H, K, V] = {(B, H, K, V)}")
-        if state.dtype != _state_dtype(r.dtype):
-            raise ValueError(f"wkv7: state has dtype {state.dtype}, expected {_state_dtype(r.dtype)} "
+        if state.dtype != state_dtype(r.dtype):
+            raise ValueError(f"wkv7: state has dtype {state.dtype}, expected {state_dtype(r.dtype)} "
                              f"for {r.dtype} inputs")
         if state.device != r.device:
             raise ValueError(f"wkv7: state is on {state.device} but r is on {r.device}")
@@ -91,7 +103,7 @@ def wkv7_naive(r, w, k, v, a, b, state=None):
     check_wkv7_inputs(r, w, k, v, a, b, state)
     B, T, H, K = r.shape
     V = v.shape[-1]
-    dtype, sd = r.dtype, _state_dtype(r.dtype)
+    dtype, sd = r.dtype, state_dtype(r.dtype)
     S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if state is None else state.clone()
     r, w, k, v, a, b = (x.to(sd) for x in (r, w, k, v, a, b))
     y = torch.empty(B, T, H, V, dtype=sd, device=r.device)
@@ -106,8 +118,76 @@ def wkv7_naive(r, w, k, v, a, b, state=None):
 
 
 # ----------------------------------------------------------------------------
-# The chunked form: the helpers of `wkv7_chunked` (its docstring, below them, derives them),
-# each working on all chunks at once, [n, BH, C, K]: n chunks of C tokens, BH = B * H.
+# The chunked form: its derivation (steps 0-5, which the helpers below, `wkv7_chunked` and
+# `wkv7_triton` cite by number), then the helpers, each working on all chunks at once,
+# [n, BH, C, K] (n chunks of C tokens, BH = B * H), then `wkv7_chunked` itself.
+#
+# Derivation. Inside one chunk number the tokens t = 1..C, let S_0 be the state entering it, and write
+# x * y for the elementwise product. Without a subscript, r, k, a, b ([C, K]) and v ([C, V])
+# are the chunk's matrices whose row t is r_t, k_t, ..., and U ([C, V]) has rows u_t.
+#
+# 0. Cumulative log decays (per channel, <= 0, non-increasing):
+#        g_t = w_1 + ... + w_t,   g_0 = 0,   D_t = diag(exp(g_t))
+#    so that diag(exp(w_{s+1})) ... diag(exp(w_t)) = diag(exp(g_t - g_s)).
+#
+# 1. Unroll. With u_t = S_{t-1}^T a_t (the "a^T S" term, [V]) one step reads
+#        S_t = diag(exp(w_t)) S_{t-1} + b_t u_t^T + k_t v_t^T,  hence
+#        S_t = D_t S_0 + sum_{s<=t} diag(exp(g_t - g_s)) (b_s u_s^T + k_s v_s^T).
+#
+# 2. The a^T S terms. Put 1. at t-1 into u_t = S_{t-1}^T a_t:
+#        u_t = S_0^T (a_t * exp(g_{t-1}))
+#              + sum_{s<t} (sum_k a_t b_s exp(g_{t-1} - g_s)) u_s
+#              + sum_{s<t} (sum_k a_t k_s exp(g_{t-1} - g_s)) v_s
+#    i.e., stacking the rows t = 1..C,  U = a_D S_0 + A_ab U + A_ak v  with
+#        a_D[t]     = a_t * exp(g_{t-1})                                   [C, K]
+#        A_ab[t, s] = sum_k a_t b_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
+#        A_ak[t, s] = sum_k a_t k_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
+#    A_ab is strictly lower triangular, so this is the unit lower-triangular system
+#        (I - A_ab) U = a_D S_0 + A_ak v,
+#    solved by forward substitution: solve_triangular (unitriangular) against I gives
+#    L_inv = (I - A_ab)^{-1}, cheaper here than against the [C, K + V] right-hand side.
+#    Linear in S_0:
+#        U = W S_0 + U_0,   W = L_inv a_D,   U_0 = L_inv A_ak v,
+#    and W, U_0 do not depend on the state: they are computed for all chunks at once.
+#
+# 3. Outputs. y_t = S_t^T r_t with 1.:
+#        y = r_D S_0 + A_rb U + A_rk v,   r_D[t] = r_t * exp(g_t),
+#        A_rb[t, s] = sum_k r_t b_s exp(g_t - g_s) for s <= t (diagonal included), A_rk alike.
+#
+# 4. Carried state. 1. at t = C, then U = W S_0 + U_0 from 2.:
+#        S_C = D_C S_0 + b_E^T U + k_E^T v,   b_E[s] = b_s * exp(g_C - g_s), k_E alike,
+#            = (D_C + b_E^T W) S_0 + (b_E^T U_0 + k_E^T v)  =  M S_0 + Z.
+#    M [K, K] and Z [K, V] (the state the chunk leaves from S_0 = 0) do not depend on the
+#    state either; only S <- M S + Z runs chunk after chunk (one [K, K] x [K, V] product
+#    each). With every chunk's S_0 known, U and y (3.) are again computed for all chunks at once.
+#
+# 5. Numerics. The exponents in a_D, r_D, b_E, k_E, D_C are <= 0: those factors lie in
+#    [0, 1]. So do the pairwise exp(g_t - g_s) (s <= t) inside the A matrices, but a matrix
+#    product needs each split into a row factor times a column factor, and
+#    exp(g_t) * exp(-g_s) overflows once -g_s > 88 (float32). Split about the chunk's end g_C
+#    instead:
+#        exp(g_t - g_s) = exp(g_t - g_C) * exp(g_C - g_s),
+#    so the column factor is b_E's (k_E's) own, in [e^-span, 1], and only the rows are
+#    rescaled: a_D * exp(-g_C), r_D * exp(-g_C), in [1, e^span] times a, r; span = -g_C is
+#    the chunk's total decay (max over channels). With span <= max_factored_span (default 60
+#    for a float32 state, 600 for float64):
+#      - exp(g) >= exp(-span) is still a normal number (smallest normal: e^-87.3 float32,
+#        e^-708.4 float64), so a_D etc. keep full relative precision when rescaled;
+#      - every factor is <= e^span (1e26 / 1e260), and so are the discarded products above
+#        the diagonal, exp(g_t - g_s) <= e^span: far from overflow (3e38 / 1e308), no inf or
+#        NaN anywhere, also not in the backward pass.
+#    (`wkv7_triton` splits the same way.) hxa079's log decay is |w| <= e^-0.5 = 0.61 per
+#    token, so span <= 39 at C = 64: its chunks always take this path. A chunk over the
+#    threshold (e.g. w down to -30) instead builds the [C, C, K] tensors exp(g_t - g_s) and
+#    exp(g_{t-1} - g_s) themselves, each exponent a sum over its own segment and set to -inf
+#    above the diagonal (every entry in [0, 1]): exact for any decay, at ~C times the memory
+#    and elementwise work.
+#    Rounding: g is a running sum, so exp(g) carries a relative error ~|g| * eps (float32:
+#    <= 39 * 6e-8 = 2.4e-6 for hxa079 at C = 64; the naive loop's products of exp(w) do
+#    better, ~2e-7). In chunks over the threshold the decays to the chunk end, g_C - g_s,
+#    are therefore summed over their own segment rather than taken as a difference of two
+#    g's (both ~ -1000 there: the difference would lose ~6e-5); below it the difference is
+#    consistent with g itself, and the more accurate.
 
 
 def _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span):
@@ -196,7 +276,8 @@ def _chunk_outputs(S_in, W, U0, r_D, A_rb, A_rk, v):
 
 def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factored_span: float | None = None,
                  segment_elements: int = 2 ** 17, stages=(_chunk_prepare, _chunk_outputs)):
-    """The chunked parallel form: the loop over T becomes a loop over T / C chunks.
+    """The chunked parallel form, derived in steps 0-5 in the comment block that opens this section
+    (same names): the loop over T becomes a loop over T / C chunks.
 
     chunk_size         C, tokens per chunk (64: the fastest of 16/32/64/128 on a 2-core CPU at
                        head sizes 64 and 96, `python bench_wkv.py`).
@@ -209,75 +290,9 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factore
                        ~30 elementwise passes over them stay in a core's L2 cache, ~1.4x faster
                        than whole-sequence tensors on a 2-core CPU; the intermediates stay bounded
                        however long T is). Any value >= 1 gives the same result up to rounding.
-    stages             (prepare, outputs): the two state-free stages below; `wkv7_compiled`
+    stages             (prepare, outputs): the two state-free stages above (`_chunk_prepare`:
+                       steps 0-2 and 4's maps; `_chunk_outputs`: step 3); `wkv7_compiled`
                        passes them compiled.
-
-    Inside one chunk number the tokens t = 1..C, let S_0 be the state entering it, and write
-    x * y for the elementwise product. Without a subscript, r, k, a, b ([C, K]) and v ([C, V])
-    are the chunk's matrices whose row t is r_t, k_t, ..., and U ([C, V]) has rows u_t.
-
-    0. Cumulative log decays (per channel, <= 0, non-increasing):
-           g_t = w_1 + ... + w_t,   g_0 = 0,   D_t = diag(exp(g_t))
-       so that diag(exp(w_{s+1})) ... diag(exp(w_t)) = diag(exp(g_t - g_s)).
-
-    1. Unroll. With u_t = S_{t-1}^T a_t (the "a^T S" term, [V]) one step reads
-           S_t = diag(exp(w_t)) S_{t-1} + b_t u_t^T + k_t v_t^T,  hence
-           S_t = D_t S_0 + sum_{s<=t} diag(exp(g_t - g_s)) (b_s u_s^T + k_s v_s^T).
-
-    2. The a^T S terms. Put 1. at t-1 into u_t = S_{t-1}^T a_t:
-           u_t = S_0^T (a_t * exp(g_{t-1}))
-                 + sum_{s<t} (sum_k a_t b_s exp(g_{t-1} - g_s)) u_s
-                 + sum_{s<t} (sum_k a_t k_s exp(g_{t-1} - g_s)) v_s
-       i.e., stacking the rows t = 1..C,  U = a_D S_0 + A_ab U + A_ak v  with
-           a_D[t]     = a_t * exp(g_{t-1})                                   [C, K]
-           A_ab[t, s] = sum_k a_t b_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
-           A_ak[t, s] = sum_k a_t k_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
-       A_ab is strictly lower triangular, so this is the unit lower-triangular system
-           (I - A_ab) U = a_D S_0 + A_ak v,
-       solved by forward substitution: solve_triangular (unitriangular) against I gives
-       L_inv = (I - A_ab)^{-1}, cheaper here than against the [C, K + V] right-hand side.
-       Linear in S_0:
-           U = W S_0 + U_0,   W = L_inv a_D,   U_0 = L_inv A_ak v,
-       and W, U_0 do not depend on the state: they are computed for all chunks at once.
-
-    3. Outputs. y_t = S_t^T r_t with 1.:
-           y = r_D S_0 + A_rb U + A_rk v,   r_D[t] = r_t * exp(g_t),
-           A_rb[t, s] = sum_k r_t b_s exp(g_t - g_s) for s <= t (diagonal included), A_rk alike.
-
-    4. Carried state. 1. at t = C, then U = W S_0 + U_0 from 2.:
-           S_C = D_C S_0 + b_E^T U + k_E^T v,   b_E[s] = b_s * exp(g_C - g_s), k_E alike,
-               = (D_C + b_E^T W) S_0 + (b_E^T U_0 + k_E^T v)  =  M S_0 + Z.
-       M [K, K] and Z [K, V] (the state the chunk leaves from S_0 = 0) do not depend on the
-       state either; only S <- M S + Z runs chunk after chunk (one [K, K] x [K, V] product
-       each). With every chunk's S_0 known, U and y (3.) are again computed for all chunks at once.
-
-    5. Numerics. The exponents in a_D, r_D, b_E, k_E, D_C are <= 0: those factors lie in
-       [0, 1]. So do the pairwise exp(g_t - g_s) (s <= t) inside the A matrices, but a matrix
-       product needs each split into a row factor times a column factor, and
-       exp(g_t) * exp(-g_s) overflows once -g_s > 88 (float32). Split about the chunk's end g_C
-       instead:
-           exp(g_t - g_s) = exp(g_t - g_C) * exp(g_C - g_s),
-       so the column factor is b_E's (k_E's) own, in [e^-span, 1], and only the rows are
-       rescaled: a_D * exp(-g_C), r_D * exp(-g_C), in [1, e^span] times a, r; span = -g_C is
-       the chunk's total decay (max over channels). With span <= max_factored_span (default 60
-       for a float32 state, 600 for float64):
-         - exp(g) >= exp(-span) is still a normal number (smallest normal: e^-87.3 float32,
-           e^-708.4 float64), so a_D etc. keep full relative precision when rescaled;
-         - every factor is <= e^span (1e26 / 1e260), and so are the discarded products above
-           the diagonal, exp(g_t - g_s) <= e^span: far from overflow (3e38 / 1e308), no inf or
-           NaN anywhere, also not in the backward pass.
-       (`wkv7_triton` splits the same way.) hxa079's log decay is |w| <= e^-0.5 = 0.61 per
-       token, so span <= 39 at C = 64: its chunks always take this path. A chunk over the
-       threshold (e.g. w down to -30) instead builds the [C, C, K] tensors exp(g_t - g_s) and
-       exp(g_{t-1} - g_s) themselves, each exponent a sum over its own segment and set to -inf
-       above the diagonal (every entry in [0, 1]): exact for any decay, at ~C times the memory
-       and elementwise work.
-       Rounding: g is a running sum, so exp(g) carries a relative error ~|g| * eps (float32:
-       <= 39 * 6e-8 = 2.4e-6 for hxa079 at C = 64; the naive loop's products of exp(w) do
-       better, ~2e-7). In chunks over the threshold the decays to the chunk end, g_C - g_s,
-       are therefore summed over their own segment rather than taken as a difference of two
-       g's (both ~ -1000 there: the difference would lose ~6e-5); below it the difference is
-       consistent with g itself, and the more accurate.
 
     Cost per token and head (K = V): ~(8 C + 6 K) K multiply-adds, nearly all in batched
     products (the naive loop: ~4 K^2, but one token at a time), plus ~30 elementwise passes
@@ -294,7 +309,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factore
     prepare, outputs = stages
     B, T, H, K = r.shape
     V = v.shape[-1]
-    dtype, sd = r.dtype, _state_dtype(r.dtype)
+    dtype, sd = r.dtype, state_dtype(r.dtype)
     if max_factored_span is None:
         max_factored_span = 600.0 if sd == torch.float64 else 60.0
     S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if state is None else state
@@ -470,7 +485,7 @@ if HAS_TRITON:
             # 2./3. the intra-chunk matrices A_ab, A_ak (s < t) and A_rb, A_rk (s <= t)
             span = tl.max(-g_end, axis=0)                                   # the chunk's total decay, max over channels
             if span <= MAX_SPAN:
-                # factored about the chunk end g_C, as in wkv7_chunked (step 5):
+                # factored about the chunk end g_C, as in step 5 of the chunked derivation:
                 # (a_t exp(g_{t-1} - g_C)) . (b_s exp(g_C - g_s)), row factors in [1, e^span]
                 up = tl.exp(-g_end)[None, :]                                # exp(-g_C)              [1, BK]
                 a_up, r_up = a_D * up, r_D * up
@@ -554,7 +569,7 @@ def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto", chunk_size: in
       - `_wkv7_fwd_recurrent_kernel` (decode, T < C): the recurrence itself, token by token:
             u = S^T a_t;  S = diag(exp(w_t)) S + b_t u^T + k_t v_t^T;  y_t = S^T r_t.
       - `_wkv7_fwd_chunked_kernel` (prefill): C = 16 tokens per step, the chunked form derived
-        in `wkv7_chunked`'s docstring (steps 0-4, same names). Per chunk, with S_0 the state
+        in the derivation that opens the chunked section (steps 0-4, same names). Per chunk, with S_0 the state
         entering it:
             0. g_t = w_1 + ... + w_t,  D_t = diag(exp(g_t))
             2. U = (I - A_ab)^{-1} (a_D S_0 + A_ak v)          (the rows u_t = S_{t-1}^T a_t)
@@ -573,7 +588,7 @@ def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto", chunk_size: in
         and a reverse scan. Their rounding is relative to the decay they describe.
       - a_D, r_D, b_E, k_E, D_C have exponents <= 0: factors in [0, 1], any decay.
       - The four C x C matrices need exp(g_t - g_s) split into a row and a column factor for a
-        tl.dot. The split is about the chunk's end g_C, as in `wkv7_chunked` step 5: exact (no
+        tl.dot. The split is about the chunk's end g_C, as in step 5 of that derivation: exact (no
         overflow, no underflow of a factor that matters) while the chunk's total decay
         span = max_k(-g_C) <= max_factored_span = 60, i.e. for any w >= -3.75 per step at C = 16.
         hxa079's w is in [-exp(-0.5), 0) = [-0.61, 0): its span is at most 9.7, so it always
