@@ -1,11 +1,25 @@
-"""pytest option --wkv-impl: put any WKV-7 kernel through the WKV property suite of the tests.
+"""pytest set-up of test_ref.py: the environment the tests run in, and the option --wkv-impl.
 
-    python -m pytest test_ref.py --wkv-impl package.module:function
+Environment. The Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) unless
+HRWKV7_TEST_CUDA=1 (then on the GPU, and the GPU-only tests run too). Triton reads the variable
+when wkv_kernel defines its kernels, i.e. when wkv_kernel is first imported; pytest imports this
+file before any test module, so it is set here, before anything imports wkv_kernel. Subprocesses
+the tests start (and the notebooks' kernels) inherit it.
+
+--wkv-impl: put any WKV-7 kernel through the WKV property suite of the tests.
+
+    python -m pytest -q test_ref.py --wkv-impl package.module:function
+    python -m pytest -q test_ref.py --wkv-impl fla_adapter:fla_dplr_recurrence   (fla-core's reference)
 
 The function must have wkv_kernel's signature, f(r, w, k, v, a, b, state) -> (y, S_T). The suite's
 tests (those that take the `kernel` argument) then run on it alone, and every other test is
 deselected. Without the option the suite runs on the project's own forms.
 """
+import os
+
+WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"
+if not WANT_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser):

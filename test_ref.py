@@ -1,69 +1,116 @@
 """
 Property tests, in the order of the files they test: every WKV form against the definition (the
-float64 loop), the model against an independent float64 implementation of HXA079.md, checkpoints
+float64 loop), the model against an independent float64 implementation of SPEC.md, checkpoints
 and conversion, transformers' own models as an external reference, and the installed package. Bad
 input everywhere against clear errors.
 
     python -m pytest -q test_ref.py                      (profile "ci": bounded examples)
     HYPOTHESIS_PROFILE=dev python -m pytest -q test_ref.py   (more examples)
     python -m pytest -q test_ref.py --wkv-impl package.module:function   (your kernel, conftest.py)
+    HRWKV7_TEST_CUDA=1 python -m pytest -q test_ref.py   (the Triton kernels on a GPU, conftest.py)
 
 The WKV kernel suite (the tests taking a `kernel` argument) runs the same properties on each of the
 project's forms, or, with --wkv-impl, on any function with wkv_kernel's signature
-f(r, w, k, v, a, b, state) -> (y, S_T), e.g. bench_wkv:fla_dplr_recurrence. The properties are
+f(r, w, k, v, a, b, state) -> (y, S_T), e.g. fla_adapter:fla_dplr_recurrence. The properties are
 plain functions (check_matches_loop, check_gradients) that take the kernel as an argument.
+conftest.py sets the environment (TRITON_INTERPRET=1: the Triton kernels in Triton's CPU
+interpreter) before this file imports wkv_kernel.
+
+Contents (each section starts with a banner "# ===...", then "# <number>  <title>"):
+
+0     Shared fixtures: rel_err; one factory per kind of fixture: tiny_model (a random HRWKV7
+      model), save_hf (an HF checkpoint directory, written with safetensors' own writer),
+      load_tensors / read_json (read one back), make_teacher (a Llama / Qwen2 / Qwen3 teacher)
+1     wkv_kernel.py
+1.1     WKV inputs: Case, wkv_inputs and the hypothesis strategy `cases`
+1.2     Tolerances: assert_close, the bound of each dtype and why
+1.3     The properties: check_matches_loop (y, S_T, dtypes, the state left untouched, a split
+        call), check_gradients (every input's gradient)
+1.4     The kernels the suite runs on: the project's forms, or --wkv-impl; refusals become skips
+1.5     The kernel suite: test_matches_loop, test_state_carries, test_gradients
+1.6     The suite catches planted errors: test_properties_catch_a_planted_error
+1.7     The definition: the naive loop on a hand-computed example, its dtypes, bad input, float32
+        decay beside half inputs, against fla-core's recurrence (fla_adapter.py)
+1.8     wkv7_chunked: tunables, the factored/pairwise threshold, extreme decays, empty input, the
+        dispatcher, the model's logits with it
+1.9     wkv7_triton in Triton's interpreter: both paths, strong decays, decode after prefill,
+        refusals, imports without triton, compiles for sm_90
+1.10    wkv7_triton on a GPU only
+2     hrwkv7_ref.py
+2.1     The oracle: oracle_logits(sd, cfg, ids), the model written independently in float64
+2.2     Config: round trip, errors that name the field
+2.3     RoPE: known values, norm kept, relative positions
+2.4     GQA with its cache against causal attention written with loops
+2.5     causal_attention (SDPA) against causal_attention_reference, bf16 scores in float32,
+        bounded masks, a 4096-token prefill split three ways
+2.6     The model against the oracle; parallel == split == token by token; state not mutated
+2.7     The model's input checks: bad ids and states get clear errors
+2.8     Loading: from_pretrained against the oracle, two files copied alone, device_map with disk
+        offload, bfloat16 weights, a repo id from the hub cache and the chat command, bad tensors
+2.9     Generation and memory accounting: greedy, streaming, EOS, sampling, RMSNorm in float32,
+        state_bytes
+3     convert.py
+3.1     Round trips: .pth -> HF -> load, exact; sharded layout, dtype casts, the CLI
+3.2     Bad checkpoints and outputs: unsafe index entries, missing/unexpected/mis-shaped tensors,
+        corrupt files, contradicting configs, pickles, permissions, half-written outputs
+3.3     Initialisation from a teacher: init_from_teacher, its formulas, its errors and CLI
+4     transformers as an external reference (skipped when transformers is not installed)
+4.1     NoPE equivalence: an all-GQA student against transformers with position_ids = 0
+4.2     A hybrid student decodes token by token like its parallel forward
+4.3     RoPE against transformers' rotary embedding
+4.4     Config handling with transformers-written files (rope_parameters, refused rope types,
+        sliding windows)
+5     The installed package: the wheel's contents, installed into a fresh venv
 """
 
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import json
+import math
 import os
+import pathlib
+import pickle
+import re
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from typing import Callable
 
-# The Triton kernels run in Triton's CPU interpreter unless HRWKV7_TEST_CUDA=1 (then on the GPU,
-# and the GPU-only tests run too). The interpreter is chosen when wkv_kernel defines its kernels,
-# i.e. when it is imported: this comes first.
-WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"
-if not WANT_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pickle  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import site  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import warnings  # noqa: E402
-import zipfile  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import convert  # noqa: E402
-import wkv_kernel  # noqa: E402
-from bench_wkv import fla_dplr_recurrence, load_fla_dplr_naive  # noqa: E402
-from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,  # noqa: E402
+import convert
+import wkv_kernel
+from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,
                      parse_size, save_checkpoint)
-from hrwkv7_ref import (HXA079_BIASES, TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,  # noqa: E402
+from fla_adapter import fla_dplr_recurrence, load_fla_dplr_naive
+from hrwkv7_ref import (HXA079_BIASES, TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,
                         attention_transient_bytes, causal_attention, causal_attention_reference, rope_cos_sin,
                         sample, state_bytes)
-from wkv_kernel import (HAS_TRITON, IMPLS, TRITON_INTERPRETED, pick_impl, wkv7, wkv7_chunked,  # noqa: E402
-                        wkv7_compiled, wkv7_naive, wkv7_triton)
+from wkv_kernel import (HAS_TRITON, IMPLS, TRITON_INTERPRETED, pick_impl, wkv7, wkv7_chunked, wkv7_compiled,
+                        wkv7_naive, wkv7_triton)
 
 try:
-    import transformers  # noqa: E402
+    import transformers
 except ImportError:                     # CI installs it; a bare checkout skips those tests
     transformers = None
+
+# HRWKV7_TEST_CUDA=1: the Triton kernels run on the GPU (conftest.py then leaves TRITON_INTERPRET
+# unset), and the GPU-only tests run too
+WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"
 
 settings.register_profile("ci", max_examples=10, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -72,20 +119,165 @@ settings.register_profile("dev", max_examples=60, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+# =================================================================================================
+# 0  Shared fixtures: one factory per kind of fixture, used by the sections below
+
+
 def rel_err(x, ref):
     """max |x - ref| / max |ref| (a norm-wise relative error, so tiny entries don't dominate)."""
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-300)).item()
 
 
-# #############################################################################
-# wkv_kernel.py
+def tiny_model(config=TINY, seed=0, dtype=torch.float64):
+    """A random HRWKV7 model of `config` (an HRWKV7Config or its dict) in eval mode, its weights in
+    `dtype` (init_random(seed) draws them in float64, then rounds); its config is model.config."""
+    cfg = config if isinstance(config, HRWKV7Config) else HRWKV7Config.from_dict(config)
+    return HRWKV7ForCausalLM(cfg).to(dtype).init_random(seed=seed).eval()
+
+
+def save_hf(path, cfg, sd, shards=1, write_config=True):
+    """An HF directory written with safetensors' own writer (independent of convert.py)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if write_config:
+        (path / "config.json").write_text(json.dumps(cfg.to_dict() if isinstance(cfg, HRWKV7Config) else cfg))
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if shards == 1:
+        save_file(sd, str(path / "model.safetensors"))
+        return path
+    keys, weight_map = sorted(sd), {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: sd[k] for k in keys[s::shards]}, str(path / name))
+        weight_map.update({k: name for k in keys[s::shards]})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def load_tensors(path):
+    """Every tensor of the *.safetensors files in directory `path`, read with safetensors' own reader."""
+    return {k: v for f in sorted(pathlib.Path(path).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# tiny teachers: hidden 32-64, vocab 101; every kind is a different code path of the conversion
+# (section 4 runs each; section 3 writes its own kinds, CONVERT_TEACHERS, with safetensors)
+TEACHER_KINDS = {
+    # plain Llama GQA: 4 query heads on 2 KV heads
+    "llama": dict(arch="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    # Qwen2: q/k/v biases (no config flag), head size 12 (not a power of two, like Reka's 96)
+    "qwen2_bias": dict(arch="qwen2", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12),
+    # Qwen3: per-head q/k RMSNorm, head_dim 16 != hidden_size // heads
+    "qwen3_qknorm": dict(arch="qwen3", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    # multi-query (one KV head) with the LM head tied to the embeddings
+    "llama_mqa_tied": dict(arch="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+                           head_dim=8, tie_word_embeddings=True),
+    # written in several shards (model.safetensors.index.json)
+    "llama_sharded": dict(arch="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+                          head_dim=8, max_shard_size="20KB"),
+}
+TEACHER_ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+
+
+def transformers_classes(arch):
+    """(config class, model class) of a transformers architecture name."""
+    names = TEACHER_ARCHS[arch]
+    return getattr(transformers, names + "Config"), getattr(transformers, names + "ForCausalLM")
+
+
+def teacher_weight(name, shape, gen):
+    """A teacher's random weight, float64: embeddings N(0, 1), Linear weights N(0, 1/fan_in) (so
+    q.k / sqrt(N) is O(1) and attention is far from uniform), norm weights 1 + N(0, 0.2^2), biases
+    N(0, 0.3^2)."""
+    noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if name.endswith("norm.weight"):
+        return 1 + 0.2 * noise
+    if name.endswith(".bias"):
+        return 0.3 * noise
+    if "embed_tokens" in name:
+        return noise
+    return noise / math.sqrt(shape[1])
+
+
+def teacher_shapes(arch, c):
+    """name -> shape of the tensors of an `arch` checkpoint (HF names) with config dict `c`, in the
+    order transformers creates them (so teacher_weight draws the same values for either writer):
+    Qwen2 has q/k/v biases, Qwen3 q/k norms; no lm_head when the head is tied."""
+    C, H, KV, ffn = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
+    N = c.get("head_dim") or C // H
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], C)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for proj, rows in (("q_proj", H * N), ("k_proj", KV * N), ("v_proj", KV * N)):
+            shapes[p + f"self_attn.{proj}.weight"] = (rows, C)
+            if arch == "qwen2":
+                shapes[p + f"self_attn.{proj}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (C, H * N)
+        if arch == "qwen3":
+            shapes.update({p + "self_attn.q_norm.weight": (N,), p + "self_attn.k_norm.weight": (N,)})
+        shapes.update({p + "mlp.gate_proj.weight": (ffn, C), p + "mlp.up_proj.weight": (ffn, C),
+                       p + "mlp.down_proj.weight": (C, ffn), p + "input_layernorm.weight": (C,),
+                       p + "post_attention_layernorm.weight": (C,)})
+    shapes["model.norm.weight"] = (C,)
+    if not c.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (c["vocab_size"], C)
+    return shapes
+
+
+def make_teacher(path, kind, n_layers, seed=0, dtype=torch.float64, writer="transformers", **config_overrides):
+    """A random `kind` teacher (a TEACHER_KINDS name or such a dict) of n_layers layers, written to
+    `path` in `dtype`; returns `path`. Weights: teacher_weight, drawn in float64, then rounded.
+
+    writer="transformers": built by transformers and written with its save_pretrained, config.json as
+        transformers >= 5 writes it ("dtype", `rope_parameters`, no top-level `rope_theta`): section 4.
+    writer="safetensors": the same config keys and tensors (teacher_shapes: the names, shapes and
+        order transformers creates, so the same values), with "architectures", "model_type" and
+        "torch_dtype", written by save_hf in 2 shards, so that section 3 needs no transformers. A
+        top-level rope_theta in the kind or the overrides replaces `rope_parameters` (the layout
+        transformers < 5 wrote)."""
+    spec = dict(TEACHER_KINDS[kind] if isinstance(kind, str) else kind)
+    arch, max_shard_size = spec.pop("arch"), spec.pop("max_shard_size", None)
+    kw = dict(vocab_size=101, intermediate_size=64, num_hidden_layers=n_layers, rms_norm_eps=1e-5,
+              rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+    kw.update(spec)
+    kw.update(config_overrides)
+    gen = torch.Generator().manual_seed(seed)
+    if writer == "safetensors":
+        if "rope_theta" in kw:
+            del kw["rope_parameters"]
+        config = {"architectures": [TEACHER_ARCHS[arch] + "ForCausalLM"], "model_type": arch, **kw,
+                  "torch_dtype": str(dtype).removeprefix("torch.")}
+        sd = {name: teacher_weight(name, shape, gen).to(dtype) for name, shape in teacher_shapes(arch, kw).items()}
+        save_hf(pathlib.Path(path), config, sd, shards=2)
+        return path
+    assert writer == "transformers", writer
+    config_cls, model_cls = transformers_classes(arch)
+    model = model_cls(config_cls(**kw)).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(teacher_weight(name, p.shape, gen))
+    extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **extra)
+    return path
+
+
+# =================================================================================================
+# 1  wkv_kernel.py
+# The WKV kernel suite runs the same properties on each form, or with --wkv-impl on any function
+# with wkv_kernel's signature (conftest.py); then the definition, wkv7_chunked and wkv7_triton on
+# what the suite does not reach.
+
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if WANT_CUDA and HAS_CUDA else "cpu"
 NAMES = ("r", "w", "k", "v", "a", "b", "state")
 
-# =============================================================================
-# Inputs: one generator, and the strategy that draws its cases
+
+# =================================================================================================
+# 1.1  WKV inputs: one generator, and the strategy that draws its cases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +355,10 @@ def cases(draw, dtypes, head_sizes=HEAD_SIZES, T=(1, 100), B=(1, 2), H=(1, 3), d
                 with_state=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
-# =============================================================================
-# Tolerances: one helper. An output is compared with the float64 loop run on the very same
-# (rounded) inputs, so only the arithmetic and the output's own rounding count:
+# =================================================================================================
+# 1.2  Tolerances: one helper, assert_close
+# An output is compared with the float64 loop run on the very same (rounded) inputs, so only the
+# arithmetic and the output's own rounding count:
 #     |got - ref| <= rtol * |ref| + atol * max|ref|      elementwise
 # (the atol term covers entries near 0 whose error comes from O(max) terms that cancelled).
 #  - float64: a few hundred roundings of 1.1e-16, amplified by the O(1) condition of the triangular
@@ -177,6 +370,7 @@ def cases(draw, dtypes, head_sizes=HEAD_SIZES, T=(1, 100), B=(1, 2), H=(1, 3), d
 #    bits) of |y|. A truncating conversion, up to a whole ulp, fails this. The state comes back in
 #    float32 and takes the float32 tolerance.
 # Gradients take the tolerance of their dtype too.
+
 
 TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-5),
               torch.bfloat16: (2 ** -8, 1e-5), torch.float16: (2 ** -11, 1e-5)}
@@ -197,8 +391,8 @@ def assert_close(got, ref, what, scale=None):
                                   f"max|err| / scale = {err.max() / scale:.2g})")
 
 
-# =============================================================================
-# The properties: plain functions of a kernel f(r, w, k, v, a, b, state) -> (y, S_T) and inputs
+# =================================================================================================
+# 1.3  The properties: plain functions of a kernel f(r, w, k, v, a, b, state) -> (y, S_T) and inputs
 
 
 def check_matches_loop(f, xs, S0, split=None):
@@ -249,8 +443,8 @@ def check_gradients(f, xs, S0, seed=0):
         assert_close(g_got.cpu(), g_want, f"d loss / d {name}", scale=scale)
 
 
-# =============================================================================
-# The kernels the suite runs on
+# =================================================================================================
+# 1.4  The kernels the suite runs on: the project's forms, or --wkv-impl package.module:function
 
 
 @dataclasses.dataclass(eq=False)
@@ -352,8 +546,8 @@ def budget(kernel, examples):
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-# =============================================================================
-# The kernel suite
+# =================================================================================================
+# 1.5  The kernel suite: every form against the float64 loop
 
 
 # dtype: examples per kernel (profile "ci"); the low-precision dtypes differ only in y's final rounding
@@ -398,7 +592,8 @@ def test_gradients(kernel, dtype):
     run()
 
 
-# --- the suite catches planted errors -----------------------------------------------------
+# =================================================================================================
+# 1.6  The suite catches planted errors: each property fails on a kernel with a planted error
 
 
 def decay_after_write(r, w, k, v, a, b, state=None):
@@ -447,8 +642,8 @@ def test_properties_catch_a_planted_error(planted):
         prop(f, *wkv_inputs(case))
 
 
-# =============================================================================
-# The definition: the naive loop
+# =================================================================================================
+# 1.7  The definition: the naive loop (a hand-computed example, dtypes, bad input, fla-core's recurrence)
 
 
 def test_naive_loop_hand_example():
@@ -521,14 +716,14 @@ def test_float32_log_decay_beside_half_inputs(impl):
 @pytest.mark.parametrize("decay", ["hxa079", "strong"])
 def test_naive_matches_fla_dplr_recurrence(decay):
     """The definition against an independent implementation, fla-core's dplr_recurrence (float32),
-    through the adapter in bench_wkv.py."""
+    through fla_adapter.py."""
     if load_fla_dplr_naive() is None:
         pytest.skip("fla-core is not installed")
     check_matches_loop(fla_dplr_recurrence, *wkv_inputs(Case(2, 40, 3, 16, 16, torch.float32, decay, seed=21)))
 
 
-# =============================================================================
-# wkv7_chunked: its tunables, the factored/pairwise threshold, edge cases, the dispatcher
+# =================================================================================================
+# 1.8  wkv7_chunked: its tunables, the factored/pairwise threshold, edge cases, the dispatcher
 
 
 @settings(max_examples=15, deadline=None, derandomize=True,
@@ -610,8 +805,8 @@ def test_dispatcher_runs_chunked():
 
 
 def test_model_logits_with_chunked_equal_naive():
-    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [0]})
-    model = HRWKV7ForCausalLM(cfg).double().init_random(seed=5).eval()
+    model = tiny_model({**TINY, "transformer_layers": [0]}, seed=5)
+    cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         model.wkv_impl = "naive"
@@ -623,9 +818,10 @@ def test_model_logits_with_chunked_equal_naive():
         assert_close(S_got, S_want, f"state of layer {i + 1}")
 
 
-# =============================================================================
-# wkv7_triton: what the suite does not reach (its paths, tunables and refusals), in Triton's
+# =================================================================================================
+# 1.9  wkv7_triton: what the suite does not reach (its paths, tunables and refusals), in Triton's
 # interpreter on a CPU (HRWKV7_TEST_CUDA=1: on the GPU)
+
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON or not (WANT_CUDA or TRITON_INTERPRETED),
                                   reason="needs triton, and TRITON_INTERPRET=1 (CPU) or HRWKV7_TEST_CUDA=1 (GPU)")
@@ -769,7 +965,9 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-# --- GPU only ---------------------------------------------------------------------------------
+# =================================================================================================
+# 1.10  wkv7_triton on a GPU only (HRWKV7_TEST_CUDA=1 on a CUDA machine)
+
 
 @needs_triton
 @needs_cuda
@@ -785,12 +983,107 @@ def test_cuda_strong_decay():
     check_matches_loop(triton_on_device, *wkv_inputs(Case(1, 300, 2, 64, 64, torch.float32, "strong", seed=9)))
 
 
-# #############################################################################
-# hrwkv7_ref.py
+# =================================================================================================
+# 2  hrwkv7_ref.py
+# The model against an independent float64 definition of it (the oracle, 2.1), its parts against
+# their definitions, decoding against prefill, loading, generation.
 
 
-# -----------------------------------------------------------------------------
-# Config
+# =================================================================================================
+# 2.1  The oracle: an independent float64 implementation of SPEC.md, token by token and head by
+# head, reading the weights straight from the state dict. One entry point, used by sections 2.6
+# and 2.8: oracle_logits(sd, cfg, ids) -> float64 logits [B, T, V].
+
+
+def oracle_logits(sd, cfg, ids):
+    """float64 logits [B, T, V] of the model with state dict `sd` and HRWKV7Config `cfg` on ids [B, T]."""
+    g = lambda name: sd[name].double()  # noqa: E731
+    H, KV, N, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers
+    eps = cfg.rms_norm_eps
+
+    def rms(x, wt):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * wt
+
+    def rope(x, p):  # x [h, N]
+        half = N // 2
+        out = torch.empty_like(x)
+        for j in range(half):
+            ang = p / cfg.rope_theta ** (2 * j / N)
+            c, s = math.cos(ang), math.sin(ang)
+            out[:, j] = x[:, j] * c - x[:, j + half] * s
+            out[:, j + half] = x[:, j + half] * c + x[:, j] * s
+        return out
+
+    def lin(x, pre, name):
+        y = x @ g(f"{pre}{name}.weight").T
+        return y + g(f"{pre}{name}.bias") if f"{pre}{name}.bias" in sd else y
+
+    B, T = ids.shape
+    out = torch.empty(B, T, cfg.vocab_size, dtype=torch.float64)
+    for bi in range(B):
+        S = {i: torch.zeros(H, N, N, dtype=torch.float64) for i in range(L)}
+        cache = {i: ([], []) for i in range(L)}
+        for t in range(T):
+            x = g("model.embed_tokens.weight")[ids[bi, t]]
+            first = None
+            for i in range(L):
+                pre = f"model.layers.{i}.self_attn."
+                h = rms(x, g(f"model.layers.{i}.input_layernorm.weight"))
+                if i in cfg.transformer_layers:
+                    q, k, v = (lin(h, pre, n).view(-1, N) for n in ("q_proj", "k_proj", "v_proj"))
+                    if cfg.enable_qk_norm:
+                        q, k = rms(q, g(pre + "q_norm.weight")), rms(k, g(pre + "k_norm.weight"))
+                    cache[i][0].append(k)
+                    cache[i][1].append(v)
+                    Ks, Vs = torch.stack(cache[i][0]), torch.stack(cache[i][1])  # [t+1, KV, N]
+                    o = torch.empty(H, N, dtype=torch.float64)
+                    for hh in range(H):
+                        kvh = hh // (H // KV)
+                        sc = Ks[:, kvh] @ q[hh] / math.sqrt(N)
+                        p = torch.exp(sc - sc.max())
+                        o[hh] = (p / p.sum()) @ Vs[:, kvh]
+                    att = o.reshape(-1) @ g(pre + "o_proj.weight").T
+                else:
+                    r = lin(h, pre, "receptance").view(H, N)
+                    k = lin(h, pre, "key").view(KV, N)
+                    v = lin(h, pre, "value").view(KV, N)
+                    if cfg.enable_qk_norm:
+                        r, k = rms(r, g(pre + "r_norm.weight")), rms(k, g(pre + "k_norm.weight"))
+                    r, k = rope(r, t), rope(k, t)
+                    if first is None:
+                        first = (v, k)
+                    else:
+                        v = v + (first[0] - v) * torch.sigmoid(h @ g(pre + "v1") @ g(pre + "v2")
+                                                               + g(pre + "v0").reshape(-1)).view(KV, N)
+                        k = k + (first[1] - k) * torch.sigmoid(h @ g(pre + "k1") @ g(pre + "k2")
+                                                               + g(pre + "k0").reshape(-1)).view(KV, N)
+                    aa = torch.sigmoid(h @ g(pre + "a1") @ g(pre + "a2") + g(pre + "a0").reshape(-1)).view(H, N)
+                    ww = (torch.tanh(h @ g(pre + "w1")) @ g(pre + "w2") + g(pre + "w0").reshape(-1)).view(H, N)
+                    ww = -F.softplus(-ww) - 0.5
+                    gate = (torch.sigmoid(h @ g(pre + "g1")) @ g(pre + "g2")).view(H, N)
+                    y = torch.empty(H, N, dtype=torch.float64)
+                    for hh in range(H):
+                        kh, vh = k[hh // (H // KV)], v[hh // (H // KV)]
+                        kk = kh / max(kh.norm().item(), 1e-12)
+                        kh = kh * (1 - ww[hh] + aa[hh])
+                        Sh = S[i][hh]
+                        Sh = (torch.diag(torch.exp(-torch.exp(ww[hh]))) @ Sh
+                              + torch.outer(kk * aa[hh], (-kk) @ Sh) + torch.outer(kh, vh))
+                        S[i][hh] = Sh
+                        y[hh] = Sh.T @ r[hh] / math.sqrt(N) + (r[hh] * kh * g(pre + "r_k")[hh]).sum() * vh
+                    att = (y * gate).reshape(-1) @ g(pre + "output.weight").T
+                x = x + att
+                m = rms(x, g(f"model.layers.{i}.post_attention_layernorm.weight"))
+                mp = f"model.layers.{i}.mlp."
+                x = x + (F.silu(m @ g(mp + "gate_proj.weight").T) * (m @ g(mp + "up_proj.weight").T)) \
+                    @ g(mp + "down_proj.weight").T
+            head = g("model.embed_tokens.weight") if cfg.tie_word_embeddings else g("lm_head.weight")
+            out[bi, t] = rms(x, g("model.norm.weight")) @ head.T
+    return out
+
+
+# =================================================================================================
+# 2.2  Config
 
 
 def test_config_round_trip_keeps_unknown_keys(tmp_path):
@@ -819,8 +1112,8 @@ def test_config_errors_name_the_field(change, field):
         HRWKV7Config.from_dict({**TINY, **change})
 
 
-# -----------------------------------------------------------------------------
-# RoPE
+# =================================================================================================
+# 2.3  RoPE
 
 
 def test_rope_known_values():
@@ -850,8 +1143,8 @@ def test_rope_preserves_norm_and_depends_on_relative_position(N, p, d, theta):
     assert abs((rq[1] @ rk[0]) - (rq[3] @ rk[2])) < 1e-9 * q.norm() * k.norm()
 
 
-# -----------------------------------------------------------------------------
-# GQA with its cache == plain causal attention written independently
+# =================================================================================================
+# 2.4  GQA with its cache against plain causal attention written independently
 
 
 @given(H_per_KV=st.sampled_from([1, 2, 3]), KV=st.sampled_from([1, 2]), T=st.integers(1, 7),
@@ -860,7 +1153,7 @@ def test_gqa_cache_equals_plain_causal_attention(H_per_KV, KV, T, P, qk_norm):
     H, N = KV * H_per_KV, 6
     cfg = HRWKV7Config.from_dict({**TINY, "num_attention_heads": H, "num_key_value_heads": KV, "head_dim": N,
                                   "hidden_size": 12, "enable_qk_norm": qk_norm, "transformer_layers": [0]})
-    layer = _tiny_model(cfg).model.layers[0].self_attn
+    layer = tiny_model(cfg).model.layers[0].self_attn
     x = torch.randn(2, P + T, 12, dtype=torch.float64)
     with torch.no_grad():
         _, cache = layer(x[:, :P], None) if P else (None, None)
@@ -881,8 +1174,8 @@ def test_gqa_cache_equals_plain_causal_attention(H_per_KV, KV, T, P, qk_norm):
     assert kc.shape == (2, KV, P + T, N) and torch.allclose(kc, k.transpose(1, 2))
 
 
-# -----------------------------------------------------------------------------
-# causal_attention (SDPA) against causal_attention_reference (the formula), and the model on it
+# =================================================================================================
+# 2.5  causal_attention (SDPA) against causal_attention_reference (the formula), and the model on it
 
 
 ATTENTION_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
@@ -1027,7 +1320,7 @@ def test_model_4096_whole_equals_split_equals_token_by_token(monkeypatch):
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    model = _tiny_model(HRWKV7Config.from_dict(TINY)).float()
+    model = tiny_model(HRWKV7Config.from_dict(TINY)).float()
     ids = torch.randint(0, model.config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         whole, state = model(ids)
@@ -1046,95 +1339,8 @@ def test_model_4096_whole_equals_split_equals_token_by_token(monkeypatch):
             assert x.shape == y.shape and rel_err(x, y) < 1e-5
 
 
-# -----------------------------------------------------------------------------
-# An independent float64 implementation of HXA079.md, token by token and head by head,
-# reading the weights straight from the state dict.
-
-
-def _oracle_logits(sd, cfg, ids):
-    g = lambda name: sd[name].double()  # noqa: E731
-    H, KV, N, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers
-    eps = cfg.rms_norm_eps
-
-    def rms(x, wt):
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * wt
-
-    def rope(x, p):  # x [h, N]
-        half = N // 2
-        out = torch.empty_like(x)
-        for j in range(half):
-            ang = p / cfg.rope_theta ** (2 * j / N)
-            c, s = math.cos(ang), math.sin(ang)
-            out[:, j] = x[:, j] * c - x[:, j + half] * s
-            out[:, j + half] = x[:, j + half] * c + x[:, j] * s
-        return out
-
-    def lin(x, pre, name):
-        y = x @ g(f"{pre}{name}.weight").T
-        return y + g(f"{pre}{name}.bias") if f"{pre}{name}.bias" in sd else y
-
-    B, T = ids.shape
-    out = torch.empty(B, T, cfg.vocab_size, dtype=torch.float64)
-    for bi in range(B):
-        S = {i: torch.zeros(H, N, N, dtype=torch.float64) for i in range(L)}
-        cache = {i: ([], []) for i in range(L)}
-        for t in range(T):
-            x = g("model.embed_tokens.weight")[ids[bi, t]]
-            first = None
-            for i in range(L):
-                pre = f"model.layers.{i}.self_attn."
-                h = rms(x, g(f"model.layers.{i}.input_layernorm.weight"))
-                if i in cfg.transformer_layers:
-                    q, k, v = (lin(h, pre, n).view(-1, N) for n in ("q_proj", "k_proj", "v_proj"))
-                    if cfg.enable_qk_norm:
-                        q, k = rms(q, g(pre + "q_norm.weight")), rms(k, g(pre + "k_norm.weight"))
-                    cache[i][0].append(k)
-                    cache[i][1].append(v)
-                    Ks, Vs = torch.stack(cache[i][0]), torch.stack(cache[i][1])  # [t+1, KV, N]
-                    o = torch.empty(H, N, dtype=torch.float64)
-                    for hh in range(H):
-                        kvh = hh // (H // KV)
-                        sc = Ks[:, kvh] @ q[hh] / math.sqrt(N)
-                        p = torch.exp(sc - sc.max())
-                        o[hh] = (p / p.sum()) @ Vs[:, kvh]
-                    att = o.reshape(-1) @ g(pre + "o_proj.weight").T
-                else:
-                    r = lin(h, pre, "receptance").view(H, N)
-                    k = lin(h, pre, "key").view(KV, N)
-                    v = lin(h, pre, "value").view(KV, N)
-                    if cfg.enable_qk_norm:
-                        r, k = rms(r, g(pre + "r_norm.weight")), rms(k, g(pre + "k_norm.weight"))
-                    r, k = rope(r, t), rope(k, t)
-                    if first is None:
-                        first = (v, k)
-                    else:
-                        v = v + (first[0] - v) * torch.sigmoid(h @ g(pre + "v1") @ g(pre + "v2")
-                                                               + g(pre + "v0").reshape(-1)).view(KV, N)
-                        k = k + (first[1] - k) * torch.sigmoid(h @ g(pre + "k1") @ g(pre + "k2")
-                                                               + g(pre + "k0").reshape(-1)).view(KV, N)
-                    aa = torch.sigmoid(h @ g(pre + "a1") @ g(pre + "a2") + g(pre + "a0").reshape(-1)).view(H, N)
-                    ww = (torch.tanh(h @ g(pre + "w1")) @ g(pre + "w2") + g(pre + "w0").reshape(-1)).view(H, N)
-                    ww = -F.softplus(-ww) - 0.5
-                    gate = (torch.sigmoid(h @ g(pre + "g1")) @ g(pre + "g2")).view(H, N)
-                    y = torch.empty(H, N, dtype=torch.float64)
-                    for hh in range(H):
-                        kh, vh = k[hh // (H // KV)], v[hh // (H // KV)]
-                        kk = kh / max(kh.norm().item(), 1e-12)
-                        kh = kh * (1 - ww[hh] + aa[hh])
-                        Sh = S[i][hh]
-                        Sh = (torch.diag(torch.exp(-torch.exp(ww[hh]))) @ Sh
-                              + torch.outer(kk * aa[hh], (-kk) @ Sh) + torch.outer(kh, vh))
-                        S[i][hh] = Sh
-                        y[hh] = Sh.T @ r[hh] / math.sqrt(N) + (r[hh] * kh * g(pre + "r_k")[hh]).sum() * vh
-                    att = (y * gate).reshape(-1) @ g(pre + "output.weight").T
-                x = x + att
-                m = rms(x, g(f"model.layers.{i}.post_attention_layernorm.weight"))
-                mp = f"model.layers.{i}.mlp."
-                x = x + (F.silu(m @ g(mp + "gate_proj.weight").T) * (m @ g(mp + "up_proj.weight").T)) \
-                    @ g(mp + "down_proj.weight").T
-            head = g("model.embed_tokens.weight") if cfg.tie_word_embeddings else g("lm_head.weight")
-            out[bi, t] = rms(x, g("model.norm.weight")) @ head.T
-    return out
+# =================================================================================================
+# 2.6  The model against the oracle; parallel, split and token-by-token decoding agree
 
 
 @st.composite
@@ -1155,24 +1361,20 @@ def tiny_configs(draw):
         lora_rank_gate=4))
 
 
-def _tiny_model(cfg, seed=0):
-    return HRWKV7ForCausalLM(cfg).double().init_random(seed=seed).eval()
-
-
 @given(cfg=tiny_configs(), T=st.integers(1, 9), seed=st.integers(0, 2 ** 16))
 @settings(max_examples=6)
 def test_model_matches_independent_oracle(cfg, T, seed):
-    model = _tiny_model(cfg, seed)
+    model = tiny_model(cfg, seed)
     ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         logits, _ = model(ids)
-    want = _oracle_logits(model.state_dict(), cfg, ids)
+    want = oracle_logits(model.state_dict(), cfg, ids)
     assert rel_err(logits, want) < 1e-10
 
 
 @given(cfg=tiny_configs(), T=st.integers(2, 20), data=st.data())
 def test_parallel_equals_split_equals_stepwise(cfg, T, data):
-    model = _tiny_model(cfg, data.draw(st.integers(0, 2 ** 16)))
+    model = tiny_model(cfg, data.draw(st.integers(0, 2 ** 16)))
     ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
     splits = sorted(data.draw(st.lists(st.integers(1, T - 1), unique=True, max_size=3)))
     with torch.no_grad():
@@ -1195,7 +1397,7 @@ def test_parallel_equals_split_equals_stepwise(cfg, T, data):
 
 def test_state_is_not_mutated_and_dtype_is_kept():
     cfg = HRWKV7Config.from_dict(TINY)
-    model = _tiny_model(cfg)
+    model = tiny_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 6))
     _, state = model(ids)
     before = [s.clone() if torch.is_tensor(s) else tuple(t.clone() for t in s) for s in state.layers]
@@ -1214,13 +1416,13 @@ def test_first_rwkv_layer_is_not_layer_zero_when_layer_zero_is_gqa():
     assert firsts == [1]
 
 
-# -----------------------------------------------------------------------------
-# Bad input
+# =================================================================================================
+# 2.7  The model's input checks: bad ids and states get clear errors
 
 
 def test_bad_inputs_raise_clear_errors():
     cfg = HRWKV7Config.from_dict(TINY)
-    model = _tiny_model(cfg)
+    model = tiny_model(cfg)
     with pytest.raises(ValueError, match="token id 128"):
         model(torch.tensor([[1, 128]]))
     with pytest.raises(ValueError, match="token id -1"):
@@ -1230,108 +1432,16 @@ def test_bad_inputs_raise_clear_errors():
     _, state = model(torch.tensor([[1, 2], [3, 4]]))
     with pytest.raises(ValueError, match="batch size 1"):
         model(torch.tensor([[1]]), state)
-    other = _tiny_model(HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]}))
+    other = tiny_model(HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]}))
     with pytest.raises(ValueError, match="layer 1 is GQA"):
         other(torch.tensor([[1], [2]]), state)
     with pytest.raises(ValueError, match="float32"):
         model.float()(torch.tensor([[1], [2]]), state)
 
 
-# -----------------------------------------------------------------------------
-# Loading
-
-
-@pytest.mark.parametrize("shards", [1, 3])
-def test_from_pretrained_float64_matches_oracle(tmp_path, shards):
-    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [0, 3], "enable_qk_norm": True,
-                                  "attention_bias": True})
-    src = _tiny_model(cfg, seed=3)
-    _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards)
-    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
-    assert all(p.dtype == torch.float64 for p in model.parameters())
-    ids = torch.randint(0, cfg.vocab_size, (1, 5))
-    with torch.no_grad():
-        logits, state = model(ids)
-    assert all((s.dtype if torch.is_tensor(s) else s[0].dtype) == torch.float64 for s in state.layers)
-    assert rel_err(logits, _oracle_logits(src.state_dict(), cfg, ids)) < 1e-10
-
-
-def test_two_files_copied_alone_load_a_checkpoint(tmp_path):
-    # hrwkv7_ref.py + wkv_kernel.py in an empty folder load an HF checkpoint (sharded) with torch and
-    # safetensors alone, and give the logits of the model that was saved
-    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
-    src = _tiny_model(cfg, seed=4)
-    _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=2)
-    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.save(src(ids)[0], tmp_path / "want.pt")
-    lone = tmp_path / "lone"
-    lone.mkdir()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("hrwkv7_ref.py", "wkv_kernel.py"):
-        (lone / name).write_text(open(os.path.join(here, name)).read())
-    script = (f"import sys, torch; sys.modules['convert'] = None\n"
-              f"from hrwkv7_ref import HRWKV7ForCausalLM\n"
-              f"m = HRWKV7ForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, dtype=torch.float64)\n"
-              f"want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)\n"
-              f"got = m(torch.tensor({ids.tolist()}))[0].detach()\n"
-              f"err = ((got - want).abs().max() / want.abs().max()).item()\n"
-              f"assert err < 1e-12, err\n")
-    run = subprocess.run([sys.executable, "-c", script], cwd=lone, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ""})
-    assert run.returncode == 0, run.stderr
-
-
-def test_device_map_with_disk_offload_gives_the_plain_logits(tmp_path):
-    pytest.importorskip("accelerate")
-    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
-    src = _tiny_model(cfg, seed=6).float()
-    _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=2)
-    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "disk"}
-    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
-                                              offload_folder=tmp_path / "offload")
-    with torch.no_grad():
-        want, want_state = src(ids)
-        got, state = model(ids)
-        assert torch.equal(got, want)
-        assert torch.equal(model(ids[:, :2], state)[0], src(ids[:, :2], want_state)[0])   # decoding on
-    assert torch.equal(model.generate(ids[:1], 4, temperature=0), src.generate(ids[:1], 4, temperature=0))
-    with pytest.raises(ValueError, match=r"device_map\['model.layers.0'\] = 'cuda:7': no such device"):
-        HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map={**device_map, "model.layers.0": "cuda:7"},
-                                          offload_folder=tmp_path / "offload")
-    with pytest.raises(ValueError, match="give offload_folder"):
-        HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map)
-
-
-def test_bfloat16_model_computes_its_decay_path_in_float32(monkeypatch):
-    import hrwkv7_ref
-    seen = []
-
-    def spy(r, w, *rest, **kw):
-        seen.append((r.dtype, w.dtype))
-        return wkv7(r, w, *rest, **kw)
-    monkeypatch.setattr(hrwkv7_ref, "wkv7", spy)
-    model = _tiny_model(HRWKV7Config.from_dict(TINY)).bfloat16()
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([[1, 2, 3, 4]]))
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}
-
-
-def test_bfloat16_weights_float32_compute_match_float64(tmp_path):
-    # the same bf16-rounded weights, run once in float64 and once stored bf16 / computed float32
-    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1], "hidden_size": 64, "head_dim": 16})
-    src = _tiny_model(cfg, seed=7).bfloat16()
-    _save_hf(tmp_path / "ckpt", cfg, src.state_dict())
-    ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(7))
-    ref = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
-    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, compute_dtype=torch.float32)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}   # stored: bf16 only
-    with torch.no_grad():
-        got, want = model(ids)[0], ref(ids)[0]
-    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5     # float32 rounding, not bf16's
+# =================================================================================================
+# 2.8  Loading: from_pretrained (float64, two files alone, device_map, bfloat16), the hub cache and
+# the chat command
 
 
 def _write_tokenizer(path, vocab_size, eos):
@@ -1366,14 +1476,107 @@ def _hub_cache(cache, repo_id, src, commit="0123456789abcdef0123456789abcdef0123
         os.symlink(f"../../blobs/{blob}", repo / "snapshots" / commit / name)
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_from_pretrained_float64_matches_oracle(tmp_path, shards):
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [0, 3], "enable_qk_norm": True,
+                                  "attention_bias": True})
+    src = tiny_model(cfg, seed=3)
+    save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards)
+    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        logits, state = model(ids)
+    assert all((s.dtype if torch.is_tensor(s) else s[0].dtype) == torch.float64 for s in state.layers)
+    assert rel_err(logits, oracle_logits(src.state_dict(), cfg, ids)) < 1e-10
+
+
+def test_two_files_copied_alone_load_a_checkpoint(tmp_path):
+    # hrwkv7_ref.py + wkv_kernel.py in an empty folder load an HF checkpoint (sharded) with torch and
+    # safetensors alone, and give the logits of the model that was saved
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
+    src = tiny_model(cfg, seed=4)
+    save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.save(src(ids)[0], tmp_path / "want.pt")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("hrwkv7_ref.py", "wkv_kernel.py"):
+        (lone / name).write_text(open(os.path.join(here, name)).read())
+    script = (f"import sys, torch; sys.modules['convert'] = None\n"
+              f"from hrwkv7_ref import HRWKV7ForCausalLM\n"
+              f"m = HRWKV7ForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, dtype=torch.float64)\n"
+              f"want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)\n"
+              f"got = m(torch.tensor({ids.tolist()}))[0].detach()\n"
+              f"err = ((got - want).abs().max() / want.abs().max()).item()\n"
+              f"assert err < 1e-12, err\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=lone, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0, run.stderr
+
+
+def test_device_map_with_disk_offload_gives_the_plain_logits(tmp_path):
+    pytest.importorskip("accelerate")
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
+    src = tiny_model(cfg, seed=6).float()
+    save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "disk"}
+    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                              offload_folder=tmp_path / "offload")
+    with torch.no_grad():
+        want, want_state = src(ids)
+        got, state = model(ids)
+        assert torch.equal(got, want)
+        assert torch.equal(model(ids[:, :2], state)[0], src(ids[:, :2], want_state)[0])   # decoding on
+    assert torch.equal(model.generate(ids[:1], 4, temperature=0), src.generate(ids[:1], 4, temperature=0))
+    with pytest.raises(ValueError, match=r"device_map\['model.layers.0'\] = 'cuda:7': no such device"):
+        HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map={**device_map, "model.layers.0": "cuda:7"},
+                                          offload_folder=tmp_path / "offload")
+    with pytest.raises(ValueError, match="give offload_folder"):
+        HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map)
+
+
+def test_bfloat16_model_computes_its_decay_path_in_float32(monkeypatch):
+    import hrwkv7_ref
+    seen = []
+
+    def spy(r, w, *rest, **kw):
+        seen.append((r.dtype, w.dtype))
+        return wkv7(r, w, *rest, **kw)
+    monkeypatch.setattr(hrwkv7_ref, "wkv7", spy)
+    model = tiny_model(HRWKV7Config.from_dict(TINY)).bfloat16()
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[1, 2, 3, 4]]))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}
+
+
+def test_bfloat16_weights_float32_compute_match_float64(tmp_path):
+    # the same bf16-rounded weights, run once in float64 and once stored bf16 / computed float32
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1], "hidden_size": 64, "head_dim": 16})
+    src = tiny_model(cfg, seed=7).bfloat16()
+    save_hf(tmp_path / "ckpt", cfg, src.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(7))
+    ref = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
+    model = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}   # stored: bf16 only
+    with torch.no_grad():
+        got, want = model(ids)[0], ref(ids)[0]
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5     # float32 rounding, not bf16's
+
+
 def test_repo_id_from_the_hub_cache_and_the_chat_command(tmp_path):
     # an HF repo id resolved offline from a hub cache (sharded files as links into blobs/), by the
     # model, by convert.py and by the command users run, with the checkpoint's own chat template
     pytest.importorskip("huggingface_hub")
     pytest.importorskip("jinja2")
     cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1]})
-    src = _tiny_model(cfg, seed=8).float()
-    ckpt = _save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=3)
+    src = tiny_model(cfg, seed=8).float()
+    ckpt = save_hf(tmp_path / "ckpt", cfg, src.state_dict(), shards=3)
     tok = _write_tokenizer(ckpt, cfg.vocab_size, eos=1)
     _hub_cache(tmp_path / "hub", "owner/tiny-hxa079", ckpt)
     chat = "<s> user a b c </s>\n<s> assistant "
@@ -1411,8 +1614,8 @@ hrwkv7_ref.main(["--model", "owner/tiny-hxa079", "--prompt", "a b c", "--chat", 
 
 def test_from_pretrained_names_bad_tensors(tmp_path):
     cfg = HRWKV7Config.from_dict(TINY)
-    src = _tiny_model(cfg)
-    _save_hf(tmp_path / "ok", cfg, src.state_dict())
+    src = tiny_model(cfg)
+    save_hf(tmp_path / "ok", cfg, src.state_dict())
     sd = load_file(str(tmp_path / "ok" / "model.safetensors"))
     for what, mutate in [("missing tensor model.layers.1.self_attn.w1", lambda d: d.pop("model.layers.1.self_attn.w1")),
                          ("unexpected tensor model.layers.1.self_attn.extra",
@@ -1428,13 +1631,13 @@ def test_from_pretrained_names_bad_tensors(tmp_path):
             HRWKV7ForCausalLM.from_pretrained(d)
 
 
-# -----------------------------------------------------------------------------
-# Generation and memory accounting
+# =================================================================================================
+# 2.9  Generation and memory accounting
 
 
 def test_generate_greedy_equals_argmax_of_full_forward():
     cfg = HRWKV7Config.from_dict(TINY)
-    model = _tiny_model(cfg)
+    model = tiny_model(cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5))
     out = model.generate(prompt, 6, temperature=0)
     assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
@@ -1447,7 +1650,7 @@ def test_generate_greedy_equals_argmax_of_full_forward():
 
 def test_generate_streams_and_stops_at_eos():
     cfg = HRWKV7Config.from_dict(TINY)
-    model = _tiny_model(cfg)
+    model = tiny_model(cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
     free = model.generate(prompt, 8, temperature=0)
     eos = int(free[0, 7])                                            # row 0's third new token
@@ -1489,37 +1692,34 @@ def test_sample_follows_temperature_and_top_p():
 
 def test_state_whose_cache_disagrees_with_pos_is_refused():
     cfg = HRWKV7Config.from_dict(TINY)
-    model = _tiny_model(cfg)
+    model = tiny_model(cfg)
     _, state = model(torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match=r"caches 3 positions but state.pos=2"):
         model(torch.tensor([[4]]), HRWKV7State(state.layers, 2))
 
 
 def test_state_bytes_formula_matches_a_real_state():
-    cfg = HRWKV7Config.from_dict(TINY)
-    model = HRWKV7ForCausalLM(cfg).init_random()
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
     with torch.no_grad():
         _, state = model(torch.randint(0, cfg.vocab_size, (3, 7)))
     rwkv, kv = state_bytes(cfg, 7, batch=3, kv_bytes=4, state_bytes_per=4)
     assert state.nbytes() == {"rwkv_state": rwkv, "kv_cache": kv}
 
 
-# #############################################################################
-# convert.py: exact round trips (.pth -> HF -> load, sharded, cast), teacher initialisation,
-# and every bad input refused with an error that names it. Synthetic tiny checkpoints only.
+# =================================================================================================
+# 3  convert.py
+# Exact round trips (.pth -> HF -> load, sharded, cast), bad checkpoints and outputs refused with an
+# error that names them, teacher initialisation. Synthetic tiny checkpoints only.
+
 
 _FILE_SETTINGS = settings(max_examples=5, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 EPS_THETA = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
-def _config_and_model(cfg_dict, seed=0):
-    cfg = HRWKV7Config.from_dict(cfg_dict)
-    return cfg, HRWKV7ForCausalLM(cfg).init_random(seed=seed).eval()
-
-
 def _pth_name(key, flat=False, value=None):
-    """HF name -> RWKV-style .pth name (the table in HXA079.md), optionally storing w0/a0/v0/k0 as [D]
+    """HF name -> RWKV-style .pth name (SPEC.md section 8), optionally storing w0/a0/v0/k0 as [D]
     and r_k as [H*N]."""
     for old, new in [("model.embed_tokens.", "emb."), ("model.norm.", "ln_out."), ("lm_head.", "head."),
                      ("model.layers.", "blocks."), ("self_attn.", "att."), ("mlp.", "ffn."), ("gate_proj", "gate"),
@@ -1543,24 +1743,6 @@ def _save_pth(model, path, flat=False):
     return sd
 
 
-def _save_hf(path, cfg, sd, shards=1, write_config=True):
-    """An HF directory written with safetensors' own writer (independent of convert.py)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if write_config:
-        (path / "config.json").write_text(json.dumps(cfg.to_dict() if isinstance(cfg, HRWKV7Config) else cfg))
-    sd = {k: v.contiguous() for k, v in sd.items()}
-    if shards == 1:
-        save_file(sd, str(path / "model.safetensors"))
-        return path
-    keys, weight_map = sorted(sd), {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({k: sd[k] for k in keys[s::shards]}, str(path / name))
-        weight_map.update({k: name for k in keys[s::shards]})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
-
-
 def _same_tensors(sd_a, sd_b):
     assert sorted(sd_a) == sorted(sd_b)
     for k in sd_a:
@@ -1574,8 +1756,8 @@ def _logits_of(model, cfg, seed=1):
         return model(ids)[0]
 
 
-# -----------------------------------------------------------------------------
-# Round trips
+# =================================================================================================
+# 3.1  Round trips
 
 
 @_FILE_SETTINGS
@@ -1583,8 +1765,9 @@ def _logits_of(model, cfg, seed=1):
        flat=st.booleans(), shard_kib=st.sampled_from([None, 8, 40, 1000]))
 def test_pth_to_hf_round_trip_is_exact(tmp_path_factory, gqa, qk_norm, bias, tie, flat, shard_kib):
     tmp = tmp_path_factory.mktemp("rt")
-    cfg, model = _config_and_model({**TINY, "transformer_layers": sorted(gqa), "enable_qk_norm": qk_norm,
-                              "attention_bias": bias, "tie_word_embeddings": tie})
+    model = tiny_model({**TINY, "transformer_layers": sorted(gqa), "enable_qk_norm": qk_norm,
+                        "attention_bias": bias, "tie_word_embeddings": tie}, dtype=torch.float32)
+    cfg = model.config
     _save_pth(model, tmp / "m.pth", flat)
     if flat and not qk_norm and len(gqa) < 4:       # a flat r_k and no per-head norm: the head size must be given
         with pytest.raises(ValueError, match=r"cannot infer num_attention_heads, num_key_value_heads, head_dim"):
@@ -1604,7 +1787,7 @@ def test_pth_to_hf_round_trip_is_exact(tmp_path_factory, gqa, qk_norm, bias, tie
 
 
 def test_ln_r_becomes_q_norm_in_gqa_layers_and_r_norm_in_rwkv_layers(tmp_path):
-    cfg, model = _config_and_model({**TINY, "transformer_layers": [1], "enable_qk_norm": True})
+    model = tiny_model({**TINY, "transformer_layers": [1], "enable_qk_norm": True}, dtype=torch.float32)
     pth = _save_pth(model, tmp_path / "m.pth")
     assert "blocks.1.att.ln_r.weight" in pth and "blocks.0.att.ln_r.weight" in pth
     _, sd = load_checkpoint(tmp_path / "m.pth", EPS_THETA)
@@ -1615,7 +1798,8 @@ def test_ln_r_becomes_q_norm_in_gqa_layers_and_r_norm_in_rwkv_layers(tmp_path):
 
 
 def test_flat_vectors_are_reshaped(tmp_path):
-    cfg, model = _config_and_model(TINY)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
     _save_pth(model, tmp_path / "m.pth", flat=True)
     _, sd = load_checkpoint(tmp_path / "m.pth", {**EPS_THETA, "num_attention_heads": 4})
     assert sd.ref("model.layers.0.self_attn.w0").shape == (1, 1, 48)
@@ -1623,13 +1807,14 @@ def test_flat_vectors_are_reshaped(tmp_path):
     # the same in an HF file
     hf_sd = {k: (v.reshape(-1) if k.rsplit(".", 1)[-1] in (*HXA079_BIASES, "r_k") else v)
              for k, v in model.state_dict().items()}
-    _save_hf(tmp_path / "hf", cfg, hf_sd)
+    save_hf(tmp_path / "hf", cfg, hf_sd)
     _, sd = load_checkpoint(tmp_path / "hf")
     _same_tensors(dict(sd), model.state_dict())
 
 
 def test_sharded_layout_is_hf_format(tmp_path):
-    cfg, model = _config_and_model({**TINY, "transformer_layers": [0, 3]})
+    model = tiny_model({**TINY, "transformer_layers": [0, 3]}, dtype=torch.float32)
+    cfg = model.config
     limit = 30_000
     summary = save_checkpoint(tmp_path / "out", cfg, model.state_dict(), max_shard_bytes=limit)
     n = len(summary["files"])
@@ -1651,8 +1836,9 @@ def test_sharded_layout_is_hf_format(tmp_path):
 
 
 def test_dtype_cast_bf16_and_float64_loading(tmp_path):
-    cfg, model = _config_and_model({**TINY, "enable_qk_norm": True, "attention_bias": True})
-    _save_hf(tmp_path / "src", cfg, model.state_dict(), shards=3)
+    model = tiny_model({**TINY, "enable_qk_norm": True, "attention_bias": True}, dtype=torch.float32)
+    cfg = model.config
+    save_hf(tmp_path / "src", cfg, model.state_dict(), shards=3)
     _, sd = load_checkpoint(tmp_path / "src")
     save_checkpoint(tmp_path / "bf16", HRWKV7Config.from_dict({**cfg.to_dict(), "torch_dtype": "float32"}), sd,
                     dtype=torch.bfloat16, max_shard_bytes=50_000)
@@ -1667,8 +1853,9 @@ def test_dtype_cast_bf16_and_float64_loading(tmp_path):
 
 
 def test_single_safetensors_file_config_from_arg_beside_or_shapes(tmp_path):
-    cfg, model = _config_and_model({**TINY, "tie_word_embeddings": True})
-    _save_hf(tmp_path / "a", cfg, model.state_dict(), write_config=False)
+    model = tiny_model({**TINY, "tie_word_embeddings": True}, dtype=torch.float32)
+    cfg = model.config
+    save_hf(tmp_path / "a", cfg, model.state_dict(), write_config=False)
     f = tmp_path / "a" / "model.safetensors"
     with pytest.raises(ValueError, match=r"cannot infer rms_norm_eps, rope_theta;"):
         load_checkpoint(f)
@@ -1684,7 +1871,7 @@ def test_single_safetensors_file_config_from_arg_beside_or_shapes(tmp_path):
 
 
 def test_no_rwkv_layer_needs_the_head_size(tmp_path):
-    cfg, model = _config_and_model({**TINY, "transformer_layers": [0, 1, 2, 3]})
+    model = tiny_model({**TINY, "transformer_layers": [0, 1, 2, 3]}, dtype=torch.float32)
     _save_pth(model, tmp_path / "m.pth")
     with pytest.raises(ValueError, match=r"cannot infer num_attention_heads, num_key_value_heads, head_dim"):
         load_checkpoint(tmp_path / "m.pth", EPS_THETA)
@@ -1695,7 +1882,7 @@ def test_no_rwkv_layer_needs_the_head_size(tmp_path):
 
 
 def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
-    cfg, model = _config_and_model(TINY)
+    model = tiny_model(TINY, dtype=torch.float32)
     _save_pth(model, tmp_path / "m.pth")
     argv = [str(tmp_path / "m.pth"), str(tmp_path / "out"), "--set", "rms_norm_eps=1e-5", "--set", "rope_theta=1e4",
             "--set", "note=hello", "--dtype", "bfloat16", "--max-shard-size", "60kB"]
@@ -1714,15 +1901,16 @@ def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
 
 
-# -----------------------------------------------------------------------------
-# Bad input
+# =================================================================================================
+# 3.2  Bad checkpoints and outputs: every one refused with an error that names it
 
 
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "ABS", "sub/outside.safetensors", "..", "link"])
 def test_index_entry_must_be_a_bare_file_name(tmp_path, entry):
     # the rule: a bare file name of the directory; a link the directory's owner made is followed
-    cfg, model = _config_and_model(TINY)
-    ckpt = _save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=2)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
+    ckpt = save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=2)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     moved = [k for k, f in index["weight_map"].items() if f == "model-00002-of-00002.safetensors"]
     os.rename(ckpt / "model-00002-of-00002.safetensors", tmp_path / "outside.safetensors")
@@ -1742,12 +1930,13 @@ def test_index_entry_must_be_a_bare_file_name(tmp_path, entry):
 
 
 def test_missing_unexpected_and_wrong_shape_name_the_tensor(tmp_path):
-    cfg, model = _config_and_model(TINY)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
     sd = model.state_dict()
     bad = {k: v for k, v in sd.items() if k != "model.layers.3.mlp.up_proj.weight"}
     bad["model.layers.0.self_attn.bonus"] = torch.zeros(3)
     bad["model.norm.weight"] = torch.ones(47)
-    _save_hf(tmp_path / "bad", cfg, bad)
+    save_hf(tmp_path / "bad", cfg, bad)
     with pytest.raises(ValueError) as e:
         load_checkpoint(tmp_path / "bad")
     msg = str(e.value)
@@ -1760,11 +1949,12 @@ def test_missing_unexpected_and_wrong_shape_name_the_tensor(tmp_path):
 
 
 def test_integer_or_bool_weights_are_refused(tmp_path):
-    cfg, model = _config_and_model(TINY)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
     sd = dict(model.state_dict())
     sd["model.layers.1.self_attn.w1"] = sd["model.layers.1.self_attn.w1"].to(torch.int32)
     sd["model.norm.weight"] = sd["model.norm.weight"] > 0
-    _save_hf(tmp_path / "ints", cfg, sd)
+    save_hf(tmp_path / "ints", cfg, sd)
     with pytest.raises(ValueError, match=r"(?s)cannot be cast.*model\.layers\.1\.self_attn\.w1: torch\.int32.*"
                                          r"model\.norm\.weight: torch\.bool"):
         load_checkpoint(tmp_path / "ints")
@@ -1773,8 +1963,9 @@ def test_integer_or_bool_weights_are_refused(tmp_path):
 
 
 def test_truncated_or_corrupt_safetensors_names_the_file(tmp_path):
-    cfg, model = _config_and_model(TINY)
-    ckpt = _save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=3)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
+    ckpt = save_hf(tmp_path / "ckpt", cfg, model.state_dict(), shards=3)
     shard = ckpt / "model-00002-of-00003.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
@@ -1786,7 +1977,8 @@ def test_truncated_or_corrupt_safetensors_names_the_file(tmp_path):
 
 
 def test_config_contradicting_the_weights_names_field_and_values(tmp_path):
-    cfg, model = _config_and_model({**TINY, "transformer_layers": [2]})
+    model = tiny_model({**TINY, "transformer_layers": [2]}, dtype=torch.float32)
+    cfg = model.config
     _save_pth(model, tmp_path / "m.pth")
     for override, pattern in [({"num_key_value_heads": 4}, r"num_key_value_heads=4 but the weights say 2"),
                               ({"hidden_size": 64}, r"hidden_size=64 but the weights say 48"),
@@ -1797,7 +1989,7 @@ def test_config_contradicting_the_weights_names_field_and_values(tmp_path):
                               ({"lora_rank_gate": 16}, r"lora_rank_gate=16 but the weights say 8")]:
         with pytest.raises(ValueError, match=pattern):
             load_checkpoint(tmp_path / "m.pth", {**EPS_THETA, **override})
-    _save_hf(tmp_path / "hf", {**cfg.to_dict(), "enable_qk_norm": True}, model.state_dict())
+    save_hf(tmp_path / "hf", {**cfg.to_dict(), "enable_qk_norm": True}, model.state_dict())
     with pytest.raises(ValueError, match=r"enable_qk_norm=True but the weights say False"):
         load_checkpoint(tmp_path / "hf")
 
@@ -1825,7 +2017,8 @@ def test_pth_whose_pickle_would_run_code_is_refused(tmp_path, how):
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
-    cfg, model = _config_and_model(TINY)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
     save_checkpoint(tmp_path / "out", cfg, model.state_dict(), max_shard_bytes=20_000)
     umask = os.umask(0)
     os.umask(umask)
@@ -1835,7 +2028,8 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
 
 def test_existing_output_is_kept_without_overwrite(tmp_path):
-    cfg, model = _config_and_model(TINY)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -1847,7 +2041,8 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing_half_written(tmp_path):
-    cfg, model = _config_and_model(TINY)
+    model = tiny_model(TINY, dtype=torch.float32)
+    cfg = model.config
     sd = dict(model.state_dict())
 
     def boom():
@@ -1864,7 +2059,7 @@ def test_failure_while_writing_leaves_nothing_half_written(tmp_path):
         save_checkpoint(tmp_path / "out", cfg, sd, overwrite=True)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before and os.listdir(tmp_path) == ["out"]
     # a source shard damaged after the (lazy) load: the error names it, nothing is written
-    _save_hf(tmp_path / "src", cfg, model.state_dict(), shards=2)
+    save_hf(tmp_path / "src", cfg, model.state_dict(), shards=2)
     _, lazy = load_checkpoint(tmp_path / "src")
     shard = tmp_path / "src" / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-64])
@@ -1873,48 +2068,24 @@ def test_failure_while_writing_leaves_nothing_half_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]
 
 
-# -----------------------------------------------------------------------------
-# Initialisation from a teacher
+# =================================================================================================
+# 3.3  Initialisation from a teacher (written with safetensors: no transformers needed)
 
 
-def _save_teacher(path, kind, dtype=torch.bfloat16, seed=0):
-    """A tiny Llama / Qwen2 (q/k/v biases, no flag, tied) / Qwen3 (q_norm/k_norm, head_dim != C/H) checkpoint."""
-    C, L, H, KV, I, V = 32, 4, 4, 2, 48, 40
-    N = 12 if kind == "qwen3" else C // H
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)  # noqa: E731
-    tied = kind == "qwen2"
-    sd = {"model.embed_tokens.weight": r(V, C), "model.norm.weight": 1 + r(C)}
-    if not tied:
-        sd["lm_head.weight"] = r(V, C)
-    for i in range(L):
-        p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": 1 + r(C), p + "post_attention_layernorm.weight": 1 + r(C),
-                   p + "self_attn.q_proj.weight": r(H * N, C), p + "self_attn.k_proj.weight": r(KV * N, C),
-                   p + "self_attn.v_proj.weight": r(KV * N, C), p + "self_attn.o_proj.weight": r(C, H * N),
-                   p + "mlp.gate_proj.weight": r(I, C), p + "mlp.up_proj.weight": r(I, C),
-                   p + "mlp.down_proj.weight": r(C, I)})
-        if kind == "qwen2":
-            sd.update({p + "self_attn.q_proj.bias": r(H * N), p + "self_attn.k_proj.bias": r(KV * N),
-                       p + "self_attn.v_proj.bias": r(KV * N)})
-        if kind == "qwen3":
-            sd.update({p + "self_attn.q_norm.weight": 1 + r(N), p + "self_attn.k_norm.weight": 1 + r(N)})
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
-    tc = {"architectures": [arch], "model_type": kind, "hidden_size": C, "num_hidden_layers": L,
-          "num_attention_heads": H, "num_key_value_heads": KV, "intermediate_size": I, "vocab_size": V,
-          "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": tied, "max_position_embeddings": 4096,
-          "torch_dtype": "bfloat16"}
-    if kind == "llama":
-        tc["attention_bias"] = False
-    if kind == "qwen3":
-        tc["head_dim"] = N
-    _save_hf(path, tc, sd, shards=2)
-    return tc, sd
+# convert's own teachers, 4 layers, written with safetensors (make_teacher(..., writer="safetensors")) in the
+# layout transformers < 5 wrote (top-level rope_theta): a Llama, a Qwen2 (q/k/v biases, no flag, tied
+# head), a Qwen3 (q_norm/k_norm, head_dim 12 != hidden_size / heads)
+CONVERT_TEACHER = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                       vocab_size=40, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096)
+CONVERT_TEACHERS = {"llama": dict(arch="llama", attention_bias=False, **CONVERT_TEACHER),
+                    "qwen2": dict(arch="qwen2", **{**CONVERT_TEACHER, "tie_word_embeddings": True}),
+                    "qwen3": dict(arch="qwen3", head_dim=12, **CONVERT_TEACHER)}
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_init_from_teacher(tmp_path, kind):
-    tc, teacher = _save_teacher(tmp_path / "teacher", kind)
+    make_teacher(tmp_path / "teacher", CONVERT_TEACHERS[kind], 4, dtype=torch.bfloat16, writer="safetensors")
+    teacher = load_tensors(tmp_path / "teacher")
     init_from_teacher(tmp_path / "teacher", tmp_path / "student", [1], seed=3, max_shard_bytes=40_000)
     cfg, sd = load_checkpoint(tmp_path / "student")
     assert (cfg.rwkv_architecture, cfg.transformer_layers, cfg.num_hidden_layers) == ("hxa079", [1], 4)
@@ -1943,11 +2114,11 @@ def test_init_from_teacher(tmp_path, kind):
 
 
 def test_teacher_init_values_follow_the_formulas(tmp_path):
-    _save_teacher(tmp_path / "teacher", "llama", dtype=torch.float32)
+    make_teacher(tmp_path / "teacher", CONVERT_TEACHERS["llama"], 4, dtype=torch.float32, writer="safetensors")
     init_from_teacher(tmp_path / "teacher", tmp_path / "s", [2], ranks={"lora_rank_decay": 16, "lora_rank_gate": 8},
                       qkvo_scale=(1, 1, 1, 1))
     cfg, sd = load_checkpoint(tmp_path / "s")
-    _, teacher = _save_teacher(tmp_path / "again", "llama", dtype=torch.float32)
+    teacher = load_tensors(tmp_path / "teacher")
     for old, new in [("q_proj", "receptance"), ("k_proj", "key"), ("v_proj", "value"), ("o_proj", "output")]:
         p = "model.layers.0.self_attn."
         assert torch.equal(sd[f"{p}{new}.weight"], teacher[f"{p}{old}.weight"])
@@ -1985,30 +2156,31 @@ def test_teacher_problems_and_cli(tmp_path, capsys):
     assert default_lora_ranks(6144) == {"lora_rank_decay": 320, "lora_rank_iclr": 128,
                                         "lora_rank_value_residual_mix": 96, "lora_rank_key_residual_mix": 96,
                                         "lora_rank_gate": 384}
-    tc, sd = _save_teacher(tmp_path / "t", "llama")
+    make_teacher(tmp_path / "t", CONVERT_TEACHERS["llama"], 4, dtype=torch.bfloat16, writer="safetensors")
+    tc, sd = read_json(tmp_path / "t" / "config.json"), load_tensors(tmp_path / "t")
     convert.main(["from-teacher", str(tmp_path / "t"), str(tmp_path / "s"), "--transformer-layers", "1,3",
                   "--seed", "2"])
     assert "2 RWKV + 2 GQA  (RGRG" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "s")[0].transformer_layers == [1, 3]
     sd["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(32)
-    _save_hf(tmp_path / "obias", tc, sd)
+    save_hf(tmp_path / "obias", tc, sd)
     with pytest.raises(ValueError, match="o_proj biases"):
         init_from_teacher(tmp_path / "obias", tmp_path / "x", [1])
     del sd["model.layers.0.self_attn.o_proj.bias"]
     sd["model.layers.2.mlp.up_proj.weight"] = torch.zeros(5, 32)
     sd["model.vision.weight"] = torch.zeros(2)
-    _save_hf(tmp_path / "bad", tc, sd)
+    save_hf(tmp_path / "bad", tc, sd)
     with pytest.raises(ValueError, match=r"(?s)model\.layers\.2\.mlp\.up_proj\.weight has shape \(5, 32\), expected "
                                          r"\(48, 32\).*model\.vision\.weight has no place"):
         init_from_teacher(tmp_path / "bad", tmp_path / "x", [1])
     with pytest.raises(ValueError, match=r"lacks rope_theta"):
-        _save_hf(tmp_path / "nocfg", {k: v for k, v in tc.items() if k != "rope_theta"}, {})
+        save_hf(tmp_path / "nocfg", {k: v for k, v in tc.items() if k != "rope_theta"}, {})
         init_from_teacher(tmp_path / "nocfg", tmp_path / "x", [1])
     assert not (tmp_path / "x").exists()
 
 
-# #############################################################################
-# transformers as an external reference
+# =================================================================================================
+# 4  transformers as an external reference (the teachers: make_teacher, section 0)
 #
 # The teachers here are built and written by transformers itself (`save_pretrained`, float64
 # weights, config.json as transformers >= 5 writes it: `rope_parameters`, no top-level
@@ -2030,6 +2202,7 @@ def test_teacher_problems_and_cli(tmp_path, capsys):
 #
 # Skipped test by test (not with a module-level importorskip, which would skip all of
 # test_ref.py once merged) when transformers is not installed; CI installs it.
+
 
 needs_transformers = pytest.mark.skipif(
     transformers is None, reason="transformers is not installed (pip install 'transformers>=5'); "
@@ -2053,58 +2226,6 @@ def single_threaded(test):
 
 # bounded, reproducible examples: the same draws on every machine, no per-example deadline
 TF_SETTINGS = settings(max_examples=4, deadline=None, derandomize=True, database=None)
-
-# tiny teachers: hidden 32-64, vocab 101; every kind is a different code path of the conversion
-TEACHER_KINDS = {
-    # plain Llama GQA: 4 query heads on 2 KV heads
-    "llama": dict(arch="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-    # Qwen2: q/k/v biases (no config flag), head size 12 (not a power of two, like Reka's 96)
-    "qwen2_bias": dict(arch="qwen2", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12),
-    # Qwen3: per-head q/k RMSNorm, head_dim 16 != hidden_size // heads
-    "qwen3_qknorm": dict(arch="qwen3", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    # multi-query (one KV head) with the LM head tied to the embeddings
-    "llama_mqa_tied": dict(arch="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
-                           head_dim=8, tie_word_embeddings=True),
-    # written in several shards (model.safetensors.index.json)
-    "llama_sharded": dict(arch="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
-                          head_dim=8, max_shard_size="20KB"),
-}
-
-
-def transformers_classes(arch):
-    """(config class, model class) of a transformers architecture name."""
-    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[arch]
-    return getattr(transformers, names + "Config"), getattr(transformers, names + "ForCausalLM")
-
-
-def make_teacher(path, kind, n_layers, seed=0, **config_overrides):
-    """Build a random `kind` teacher (a TEACHER_KINDS name or such a dict) with transformers and write it
-    to `path` with save_pretrained, in float64 (safetensors F64, config.json "dtype": "float64").
-    Weights: embeddings N(0, 1), Linear weights N(0, 1/fan_in) (so q.k / sqrt(N) is O(1) and attention
-    is far from uniform), norm weights 1 + N(0, 0.2^2), biases N(0, 0.3^2)."""
-    spec = dict(TEACHER_KINDS[kind] if isinstance(kind, str) else kind)
-    arch, max_shard_size = spec.pop("arch"), spec.pop("max_shard_size", None)
-    config_cls, model_cls = transformers_classes(arch)
-    kw = dict(vocab_size=101, intermediate_size=64, num_hidden_layers=n_layers, rms_norm_eps=1e-5,
-              rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
-    kw.update(spec)
-    kw.update(config_overrides)
-    model = model_cls(config_cls(**kw)).to(torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[1]))
-    extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(path, **extra)
-    return path
 
 
 def load_teacher(path):
@@ -2137,13 +2258,8 @@ def token_ids(B, T, vocab, seed):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-# -----------------------------------------------------------------------------
-# NoPE equivalence: an all-GQA student against transformers with position_ids = 0
+# =================================================================================================
+# 4.1  NoPE equivalence: an all-GQA student against transformers with position_ids = 0
 # (worst seen over 8 draws per kind with transformers 5.24: 1.3e-7 .. 2.2e-7; 1e-15 when transformers'
 # RMSNorm is made to compute in float64, so the float32 RMSNorm is the whole floor)
 
@@ -2187,8 +2303,8 @@ def test_transformers_nope_teacher_equals_all_gqa_student(kind, n_layers, B, T, 
         assert rel_err(got, rope_on) > 1e-3
 
 
-# -----------------------------------------------------------------------------
-# A hybrid student: finite logits, token-by-token decoding equals the parallel forward
+# =================================================================================================
+# 4.2  A hybrid student: finite logits, token-by-token decoding equals the parallel forward
 
 
 @needs_transformers
@@ -2215,8 +2331,8 @@ def test_transformers_hybrid_student_decodes_like_its_parallel_forward(data, kin
     assert err <= 1e-10, f"{kind}, GQA layers {gqa} of {n_layers}: token-by-token vs parallel rel err {err:.2e}"
 
 
-# -----------------------------------------------------------------------------
-# RoPE against transformers' rotary embedding
+# =================================================================================================
+# 4.3  RoPE against transformers' rotary embedding
 
 
 @needs_transformers
@@ -2246,8 +2362,8 @@ def test_transformers_rope_matches_transformers(N, theta, positions, heads, seed
     assert err <= tol, f"N={N} theta={theta} max pos {max(positions)}: rel err {err:.2e} > {tol:.2e}"
 
 
-# -----------------------------------------------------------------------------
-# Config handling with transformers-written files
+# =================================================================================================
+# 4.4  Config handling with transformers-written files
 
 
 @needs_transformers
@@ -2361,14 +2477,15 @@ def test_transformers_sliding_window_teacher_converts_with_a_warning(tmp_path, a
     assert rel_err(got, want) <= 1e-6
 
 
-# #############################################################################
-# The installed package (pyproject.toml)
-#Packaging: `pip install .` gives the three modules and the two commands (pyproject.toml).
+# =================================================================================================
+# 5  The installed package (pyproject.toml): `pip install .` gives the three modules and the
+# two commands
 #
 # A wheel is built from a copy of the checkout, installed into a fresh venv that sees the
 # dependencies already installed here, and used from a folder outside the checkout. Nothing is
 # downloaded: the build reuses this interpreter's setuptools (--no-build-isolation), the install
 # is --no-index --no-deps, and the new venv reaches torch & co. through a .pth file.
+
 
 PKG_REPO = os.path.dirname(os.path.abspath(__file__))
 PKG_MODULES = {"hrwkv7_ref", "wkv_kernel", "convert"}
