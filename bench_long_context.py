@@ -253,7 +253,8 @@ def main():
     if args.memory:
         memory_check()
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tiny model (TINY) float32, batch 1; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tiny model (TINY, layers "
+          f"{HRWKV7Config.from_dict(TINY).layer_kinds}) float32, batch 1; "
           f"one fresh process per T; peak = peak RSS of that process during the prefill (VmHWM, reset before it), "
           f"+prefill = that peak minus the RSS just before the prefill")
     for case, kernels in sdpa_backends().items():

@@ -11,7 +11,9 @@ Load, check and write hxa079 checkpoints, one tensor at a time.
 `hrwkv7_ref.HRWKV7ForCausalLM.from_pretrained` reads a complete HF-layout checkpoint by itself;
 this file adds the other formats, config inference from the tensor shapes, writing, initialisation
 from a teacher, and a diagnosis of bad checkpoints that names what is wrong. It builds on
-hrwkv7_ref.py (one way: the model file never imports this one).
+hrwkv7_ref.py (one way: the model file never imports this one). Its command line follows
+hrwkv7_cli.run_command's convention: bad input is one line `error: ...` on stderr and exit status 2
+(`--debug` shows the traceback).
 
 Laziness (how a 40 GB checkpoint converts in bounded memory). `load_checkpoint` reads only the
 file headers: it returns a `LazyStateDict`, a read-only mapping whose `sd[key]` reads that one
@@ -48,9 +50,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from hrwkv7_cli import ArgumentParser, UsageError, run_command
 from hrwkv7_ref import (HXA079_BIASES, HXA079_LORA, HRWKV7Config, HRWKV7ForCausalLM, check_state_dict,
-                        fold_rope_keys, override_config, resolve_checkpoint,
-                        safetensors_files)
+                        fold_rope_keys, open_safetensors, override_config, read_json, resolve_checkpoint)
 
 # safetensors dtype names; the integer and bool ones are only read (and refused as weights)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -136,27 +138,27 @@ def _read_safetensors_tensor(path, key):
             raise ValueError(f"{path}: cannot read tensor {key} ({e})") from e
 
 
+def _safetensors_ref(f, path, key) -> TensorRef:
+    """A TensorRef of tensor `key` of the open safetensors file f (at path), from its header."""
+    meta = f.get_slice(key)
+    dtype_name = meta.get_dtype()
+    return TensorRef(tuple(meta.get_shape()), _ST_DTYPES.get(dtype_name, dtype_name),
+                     lambda: _read_safetensors_tensor(path, key), f"{path}:{key}")
+
+
 def _safetensors_refs(path) -> dict:
     """{name: TensorRef} from one safetensors file, reading only its header."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    refs = {}
     with _open_safetensors(path) as f:
-        for key in f.keys():
-            meta = f.get_slice(key)
-            dtype_name = meta.get_dtype()
-            refs[key] = TensorRef(tuple(meta.get_shape()), _ST_DTYPES.get(dtype_name, dtype_name),
-                                  lambda key=key: _read_safetensors_tensor(path, key), f"{path}:{key}")
-    return refs
+        return {key: _safetensors_ref(f, path, key) for key in f.keys()}
 
 
 def _hf_dir_refs(path) -> dict:
     """{name: TensorRef} from an HF directory: model.safetensors or model.safetensors.index.json
-    (structure and index checked by hrwkv7_ref.safetensors_files)."""
-    refs = {}
-    for file in sorted({file for file, _ in safetensors_files(path).values()}):
-        refs.update(_safetensors_refs(file))
-    return refs
+    (structure and index checked by hrwkv7_ref.open_safetensors; each header read once)."""
+    with open_safetensors(path) as tensors:
+        return {key: _safetensors_ref(f, file, key) for key, (file, _, f) in tensors.items()}
 
 
 _PTH_TOP = {"emb.": "model.embed_tokens.", "ln_out.": "model.norm.", "head.": "lm_head."}
@@ -339,16 +341,6 @@ def _as_dict(config) -> dict:
     raise TypeError(f"config must be an HRWKV7Config, a dict or None, got {type(config).__name__}")
 
 
-def _read_json(path) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        assert isinstance(d, dict)
-        return d
-    except Exception as e:
-        raise ValueError(f"{path}: not a JSON object ({e!r})") from e
-
-
 def _meta_model(config: HRWKV7Config) -> HRWKV7ForCausalLM:
     with torch.device("meta"):
         return HRWKV7ForCausalLM(config)
@@ -389,12 +381,12 @@ def load_checkpoint(path, config=None, revision=None):
     given = {}
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "config.json")):
-            given = _read_json(os.path.join(path, "config.json"))
+            given = read_json(os.path.join(path, "config.json"))
         refs = _hf_dir_refs(path)
     elif path.endswith(".safetensors"):
         beside = os.path.join(os.path.dirname(path), "config.json")
         if config is None and os.path.exists(beside):
-            given = _read_json(beside)
+            given = read_json(beside)
         refs = _safetensors_refs(path)
     elif path.endswith((".pth", ".pt", ".bin")):
         refs = _pth_refs(path)
@@ -426,10 +418,6 @@ def _plan_shards(names, sizes, max_shard_bytes):
         cur.append(name)
         cur_bytes += sizes[name]
     return shards + [cur] if cur else shards
-
-
-def _layer_kinds(cfg: HRWKV7Config) -> str:
-    return "".join("G" if cfg.is_gqa(i) else "R" for i in range(cfg.num_hidden_layers))
 
 
 def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=None, overwrite=False,
@@ -511,7 +499,7 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
         raise
     n_gqa = len(cfg.transformer_layers)
     return {"out_dir": out_dir, "files": files, "bytes_written": written, "tensor_bytes": sum(sizes.values()),
-            "parameters": sum(math.prod(refs[name].shape) for name in order), "layers": _layer_kinds(cfg),
+            "parameters": sum(math.prod(refs[name].shape) for name in order), "layers": cfg.layer_kinds,
             "rwkv_layers": cfg.num_hidden_layers - n_gqa, "gqa_layers": n_gqa}
 
 
@@ -600,7 +588,7 @@ def student_from_teacher(teacher_dir, transformer_layers, seed=0, ranks=None, qk
     """(HRWKV7Config, {HF name: TensorRef}) of an hxa079 student of an HF Llama-style teacher.
     Nothing is read but headers; see init_from_teacher."""
     teacher_dir = resolve_checkpoint(teacher_dir)
-    tc = fold_rope_keys(_read_json(os.path.join(teacher_dir, "config.json")), os.path.join(teacher_dir, "config.json"))
+    tc = fold_rope_keys(read_json(os.path.join(teacher_dir, "config.json")), os.path.join(teacher_dir, "config.json"))
     window = tc.get("sliding_window") if tc.get("use_sliding_window", True) else None
     if "layer_types" in tc:                                      # transformers >= 4.5x says it per layer
         window = window if "sliding_attention" in (tc["layer_types"] or []) else None
@@ -698,7 +686,7 @@ def _parse_set(items) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects key=value, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -722,12 +710,12 @@ def _print_summary(s: dict):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "convert.py"   # or hrwkv7-convert
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--dtype", type=_dtype, help="cast every tensor, e.g. bfloat16")
     common.add_argument("--max-shard-size", type=parse_size, help="e.g. 5GB; default: one file")
     common.add_argument("--force", action="store_true", help="replace DST if it exists")
     if argv[:1] == ["from-teacher"]:
-        ap = argparse.ArgumentParser(prog=f"{prog} from-teacher", parents=[common],
+        ap = ArgumentParser(prog=f"{prog} from-teacher", parents=[common],
                                      description="initialise an hxa079 student from a Llama-style HF checkpoint")
         ap.add_argument("teacher")
         ap.add_argument("dst")
@@ -738,7 +726,7 @@ def main(argv=None):
         summary = init_from_teacher(args.teacher, args.dst, args.transformer_layers, seed=args.seed, dtype=args.dtype,
                                     max_shard_bytes=args.max_shard_size, overwrite=args.force, progress=True)
     else:
-        ap = argparse.ArgumentParser(prog=prog, parents=[common], epilog=f"or: {prog} from-teacher -h",
+        ap = ArgumentParser(prog=prog, parents=[common], epilog=f"or: {prog} from-teacher -h",
                                      description="convert an hxa079 checkpoint (HF dir, .safetensors or RWKV .pth) "
                                                  "to an HF directory")
         ap.add_argument("src", help="an HF directory or repo id (owner/name), a .safetensors or a .pth file")
@@ -754,12 +742,10 @@ def main(argv=None):
     return summary
 
 
-def cli():
-    """The command line, bad input reported as one line (the `hrwkv7-convert` command)."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+def cli(argv=None):
+    """The `hrwkv7-convert` command: main, with bad input reported as one line `error: ...` on stderr
+    and exit status 2 (--debug: the traceback), as the `hrwkv7` command does (hrwkv7_cli.run_command)."""
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,34 @@
 """
-HRWKV7 "hxa079": a hybrid of RWKV-7-style linear-attention blocks and a few softmax GQA
-blocks without position encoding (OpenMOSE's HRWKV7-Reka-Flash3.1-Preview), in one file.
+HRWKV7 "hxa079": a hybrid of RWKV-7-style linear-attention blocks and a few softmax GQA blocks
+without position encoding (OpenMOSE's HRWKV7-Reka-Flash3.1-Preview), in one file.
 
-    x = embed(ids)
+    x = embed(input_ids)
     for each layer:  x = x + mix(rmsnorm(x));  x = x + mlp(rmsnorm(x))
     logits = lm_head(rmsnorm(x))
 
 `mix` is an hxa079 time-mix (RWKV7TimeMix) on most layers and a NoPE GQA attention
 (GQAAttention) on the layers listed in `config.transformer_layers`; `mlp` is SwiGLU.
+The equations, the tensor names and shapes, the config keys and where the official engine
+differs are in SPEC.md; the docstrings below repeat the equations each piece computes.
 
 The parameter names are the HF checkpoint's names (`model.layers.3.self_attn.w1`, ...), so a
 checkpoint loads with `load_state_dict` and nothing is renamed at run time.
 
-State (HRWKV7State): per RWKV layer a WKV matrix S [B, H, K, V] (fixed size), per GQA layer
-a key/value cache [B, KV, T_past, N] (grows with the context), and the position offset.
-`forward(ids, state) -> (logits, new_state)` never mutates the state it was given.
+State (HRWKV7State): per RWKV layer a WKV matrix [B, H, N, N] (fixed size), per GQA layer a
+key/value cache [B, KV, T_past, N] (grows with the context), and the position offset.
+`forward(input_ids, state) -> (logits, new_state)` never mutates the state it was given.
 
-Run `python hrwkv7_ref.py` for a self-check on a tiny random model (no download).
+Reading order: the config; the building blocks; the hxa079 time-mix; NoPE GQA attention; the
+hybrid model, its state, forward and generation. Below the "Loading" banner: config.json
+formats, the safetensors reader and `from_pretrained` (local directories, HF repo ids,
+device_map, compute_dtype); then the memory formulas and the presets; then the demo.
+
+    python hrwkv7_ref.py          # a self-check on a tiny random model (no download)
+    python hrwkv7_cli.py --model DIR_OR_REPO_ID --prompt "..."    # run a checkpoint (hrwkv7_cli.py)
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,9 +40,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from wkv_kernel import wkv7
+from wkv_kernel import state_dtype, wkv7
 
 # -----------------------------------------------------------------------------
 # Config
@@ -42,8 +49,8 @@ from wkv_kernel import wkv7
 
 @dataclass
 class HRWKV7Config:
-    """The HF `config.json` of an hxa079 checkpoint. Unknown keys are kept in `extra`."""
-    vocab_size: int = 256
+    """The HF `config.json` of an hxa079 checkpoint (SPEC.md §3). Unknown keys are kept in `extra`."""
+    vocab_size: int = 256                    # n_vocab
     hidden_size: int = 64                    # C
     num_hidden_layers: int = 4               # L
     num_attention_heads: int = 4             # H
@@ -80,6 +87,11 @@ class HRWKV7Config:
     def first_rwkv_layer(self) -> Optional[int]:
         return next((i for i in range(self.num_hidden_layers) if not self.is_gqa(i)), None)
 
+    @property
+    def layer_kinds(self) -> str:
+        """The layer pattern, one letter per layer: R = RWKV (hxa079 time-mix), G = NoPE GQA."""
+        return "".join("G" if self.is_gqa(i) else "R" for i in range(self.num_hidden_layers))
+
     def validate(self):
         def bad(name, why):
             raise ValueError(f"HRWKV7Config.{name}: {why}")
@@ -115,7 +127,7 @@ class HRWKV7Config:
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "HRWKV7Config":
         """From a config.json dict. The RoPE base may be `rope_theta` or inside `rope_parameters` /
-        `rope_scaling` (see fold_rope_keys)."""
+        `rope_scaling` (see fold_rope_keys, under Loading)."""
         d = fold_rope_keys(d, where)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {key: val for key, val in d.items() if key in known}
@@ -125,14 +137,7 @@ class HRWKV7Config:
     @classmethod
     def from_json(cls, path, overrides: Optional[dict] = None) -> "HRWKV7Config":
         """From a config.json file; `overrides` replace its keys."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read a JSON config ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict(override_config(d, overrides, str(path)), where=str(path))
+        return cls.from_dict(override_config(read_json(path), overrides, str(path)), where=str(path))
 
     def to_dict(self) -> dict:
         """The config.json dict: head_dim always written, the RoPE base both as `rope_theta` and as
@@ -142,42 +147,6 @@ class HRWKV7Config:
         d["transformer_layers"] = list(d["transformer_layers"])
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         return {**self.extra, **d}
-
-
-def override_config(d: dict, overrides: Optional[dict], where: str = "config") -> dict:
-    """config dict d with the keys of `overrides` replacing its own. Each one's RoPE base is read
-    first (fold_rope_keys), so an overriding rope_theta replaces a file's rope_parameters too."""
-    return {**fold_rope_keys(d, where), **fold_rope_keys(overrides or {}, "overrides")}
-
-
-def fold_rope_keys(d: dict, where: str = "config") -> dict:
-    """A copy of the HF config dict d with its RoPE base under `rope_theta` alone, wherever the file
-    keeps it: `rope_theta` (transformers < 5), `rope_parameters.rope_theta` (transformers >= 5) or
-    `rope_scaling.rope_theta` (some files in between); `rope_parameters` and `rope_scaling` are
-    dropped once read. This model computes plain RoPE: a rope_type other than "default" (llama3,
-    yarn, dynamic, linear, ...) is a ValueError naming it and `where`, as are two places that
-    disagree."""
-    found = {}
-    if d.get("rope_theta") is not None:
-        found["rope_theta"] = d["rope_theta"]
-    for key in ("rope_parameters", "rope_scaling"):
-        p = d.get(key)
-        if p is None:
-            continue
-        if not isinstance(p, dict) or any(isinstance(v, dict) for v in p.values()):
-            raise ValueError(f"{where}: {key} = {p!r} is not one set of RoPE parameters")
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{where}: {key} has rope_type {kind!r}; this model computes plain RoPE "
-                             f"(rope_type 'default') only")
-        if p.get("rope_theta") is not None:
-            found[f"{key}.rope_theta"] = p["rope_theta"]
-    if len({float(v) for v in found.values()}) > 1:
-        raise ValueError(f"{where}: the RoPE base is given twice, differently: {found}")
-    d = {key: val for key, val in d.items() if key not in ("rope_parameters", "rope_scaling")}
-    if found:
-        d["rope_theta"] = float(next(iter(found.values())))
-    return d
 
 
 # -----------------------------------------------------------------------------
@@ -248,7 +217,7 @@ HXA079_PARAMS = (*HXA079_BIASES, *HXA079_LORA, "r_k")
 
 class RWKV7TimeMix(nn.Module):
     """
-    hxa079 time-mix, per token (x is the normed hidden state, shapes per head):
+    hxa079 time-mix (SPEC.md §4), per token (x is the normed hidden state, shapes per head):
 
         r = x Wr^T (+br)   [H, N];   k = x Wk^T (+bk)   [KV, N];   v = x Wv^T (+bv)   [KV, N]
         r, k = rmsnorm(r), rmsnorm(k)                    (only with enable_qk_norm)
@@ -259,39 +228,43 @@ class RWKV7TimeMix(nn.Module):
         k, v = repeat each KV head H/KV times
         iclr = sigmoid(x a1 a2 + a0)                     in-context learning rate
         kk = k / max(||k||, 1e-12)
-        w  = -softplus(-(tanh(x w1) w2 + w0)) - 0.5     (<= -0.5)
+        w  = -softplus(-(tanh(x w1) w2 + w0)) - 0.5     pre-decay (<= -0.5)
         k  = k * (1 - w + iclr)
-        y  = WKV(r, log decay = -exp(w), k, v, a = -kk, b = kk * iclr) * N^-0.5
+        y  = WKV(r, log_decay = -exp(w), k, v, a = -kk, b = kk * iclr) * N^-0.5   (SPEC.md §5)
         y += sum(r * k * r_k) * v                        per-head bonus (uses the scaled k)
         out = (y * (sigmoid(x g1) g2)) Wo^T
-    No token shift, no GroupNorm. The decay path (w and -exp(w)) is computed in at least float32
-    whatever the weights' dtype: a bfloat16 rounding of w near -5 would move the per-token log decay
-    by up to 1.6%; the WKV kernels take a float32 log decay beside bf16/fp16 inputs.
+    The per-token decay is exp(log_decay) = exp(-exp(w)). No token shift, no GroupNorm. The decay
+    path (w and -exp(w)) is computed in at least float32 whatever the weights' dtype: a bfloat16
+    rounding of w near -5 would move the per-token log decay by up to 1.6%; the WKV kernels take a
+    float32 log decay beside bf16/fp16 inputs.
     """
 
     def __init__(self, cfg: HRWKV7Config, layer_id: int):
         super().__init__()
         C, H, KV, N = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-        A, K = H * N, KV * N
+        A, D = H * N, KV * N                                            # widths of r (w, a, g) and of k, v
         self.H, self.KV, self.N = H, KV, N
         self.is_first = layer_id == cfg.first_rwkv_layer
         self.receptance = nn.Linear(C, A, bias=cfg.attention_bias)
-        self.key = nn.Linear(C, K, bias=cfg.attention_bias)
-        self.value = nn.Linear(C, K, bias=cfg.attention_bias)
+        self.key = nn.Linear(C, D, bias=cfg.attention_bias)
+        self.value = nn.Linear(C, D, bias=cfg.attention_bias)
         self.output = nn.Linear(A, C, bias=False)
         if cfg.enable_qk_norm:
             self.r_norm = RMSNorm(N, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(N, cfg.rms_norm_eps)
-        Dw, Da, Dv, Dk, Dg = (getattr(cfg, HXA079_LORA[name]) for name in ("w1", "a1", "v1", "k1", "g1"))
-        P = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731  (filled by init or a checkpoint)
-        self.w0, self.w1, self.w2 = P(1, 1, A), P(C, Dw), P(Dw, A)
-        self.a0, self.a1, self.a2 = P(1, 1, A), P(C, Da), P(Da, A)
-        self.v0, self.v1, self.v2 = P(1, 1, K), P(C, Dv), P(Dv, K)
-        self.k0, self.k1, self.k2 = P(1, 1, K), P(C, Dk), P(Dk, K)
-        self.g1, self.g2 = P(C, Dg), P(Dg, A)
-        self.r_k = P(H, N)
+        Rw, Ra, Rv, Rk, Rg = (getattr(cfg, HXA079_LORA[name]) for name in ("w1", "a1", "v1", "k1", "g1"))
+        param = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731  (filled by init or a checkpoint)
+        self.w0, self.w1, self.w2 = param(1, 1, A), param(C, Rw), param(Rw, A)
+        self.a0, self.a1, self.a2 = param(1, 1, A), param(C, Ra), param(Ra, A)
+        self.v0, self.v1, self.v2 = param(1, 1, D), param(C, Rv), param(Rv, D)
+        self.k0, self.k1, self.k2 = param(1, 1, D), param(C, Rk), param(Rk, D)
+        self.g1, self.g2 = param(C, Rg), param(Rg, A)
+        self.r_k = param(H, N)
 
-    def forward(self, x, cos, sin, S, v_first, k_first, wkv_impl="auto"):
+    def forward(self, x, cos, sin, state, v_first, k_first, wkv_impl="auto"):
+        """x [B, T, C], RoPE tables cos, sin [T, N], state: the WKV state [B, H, N, N] (None: zeros),
+        v_first, k_first [B, T, KV, N] of the first RWKV layer (None in that layer)
+        -> out [B, T, C], the new state, v_first, k_first."""
         B, T, _ = x.shape
         H, KV, N = self.H, self.KV, self.N
         r = self.receptance(x).view(B, T, H, N)                          # [B, T, H, N]
@@ -310,13 +283,14 @@ class RWKV7TimeMix(nn.Module):
         kk = F.normalize(k, dim=-1, eps=1e-12)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))          # the decay path in >= float32
         w = -F.softplus(-(torch.tanh(xf @ self.w1.to(xf.dtype)) @ self.w2.to(xf.dtype) + self.w0.to(xf.dtype))) - 0.5
-        w = w.view(B, T, H, N)
+        w = w.view(B, T, H, N)                                           # pre-decay, <= -0.5
         k = (k * (1 - w + iclr)).to(x.dtype)
-        y, S = wkv7(r, -torch.exp(w), k, v, -kk, kk * iclr, S, impl=wkv_impl)  # [B, T, H, N], [B, H, N, N]
+        log_decay = -torch.exp(w)                                        # [B, T, H, N], >= float32
+        y, state = wkv7(r, log_decay, k, v, -kk, kk * iclr, state, impl=wkv_impl)  # [B, T, H, N], [B, H, N, N]
         y = y * N ** -0.5
         y = y + (r * k * self.r_k).sum(-1, keepdim=True) * v
         g = torch.sigmoid(x @ self.g1) @ self.g2                        # [B, T, A]
-        return self.output(y.reshape(B, T, H * N) * g), S, v_first, k_first
+        return self.output(y.reshape(B, T, H * N) * g), state, v_first, k_first
 
 
 # -----------------------------------------------------------------------------
@@ -324,20 +298,20 @@ class RWKV7TimeMix(nn.Module):
 
 
 def causal_attention_reference(q, k, v):
-    """o = softmax(q K^T * N^-0.5 + mask) V, the definition, materialising every score.
-    q [B, H, T, N] (the T new queries), k, v [B, KV, P+T, N] (P cached keys, then the T new ones);
-    head h reads KV head h // (H / KV); mask[i, j] = -inf where j > P + i (query i sees keys
-    j <= P + i). Computed in >= float32 and returned in q's dtype. Memory O(H T (P+T)): for tests
-    and short inputs."""
+    """o = softmax(q k^T * N^-0.5 + mask) v, the definition, materialising every score.
+    q [B, H, T, N] (the T new queries), k, v [B, KV, P+T, N] (P cached keys and values, then the T
+    new ones); head h reads KV head h // (H / KV); mask[i, j] = -inf where j > P + i (query i sees
+    keys j <= P + i). Computed in >= float32 and returned in q's dtype. Memory O(H T (P+T)): for
+    tests and short inputs."""
     B, H, T, N = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    P = S - T                                                           # cached positions
+    KV, n_keys = k.shape[1], k.shape[2]
+    P = n_keys - T                                                      # cached positions
     dt = torch.promote_types(q.dtype, torch.float32)
-    kr = k.to(dt).repeat_interleave(H // KV, dim=1)                     # [B, H, S, N]
-    vr = v.to(dt).repeat_interleave(H // KV, dim=1)                     # [B, H, S, N]
-    att = (q.to(dt) @ kr.transpose(-1, -2)) * N ** -0.5                 # [B, H, T, S]
+    kr = k.to(dt).repeat_interleave(H // KV, dim=1)                     # [B, H, P+T, N]
+    vr = v.to(dt).repeat_interleave(H // KV, dim=1)                     # [B, H, P+T, N]
+    att = (q.to(dt) @ kr.transpose(-1, -2)) * N ** -0.5                 # [B, H, T, P+T]
     i = torch.arange(T, device=q.device)[:, None] + P
-    j = torch.arange(S, device=q.device)[None, :]
+    j = torch.arange(n_keys, device=q.device)[None, :]
     att = att.masked_fill(j > i, float("-inf"))
     return (torch.softmax(att, dim=-1) @ vr).to(q.dtype)               # [B, H, T, N]
 
@@ -353,41 +327,26 @@ def causal_attention(q, k, v, block_elements: int = 2 ** 22):
         j > P + i, broadcast over batch and heads); all blocks' masks are views of one [bq, P + T]
         tensor, the only memory this path adds (see attention_transient_bytes)."""
     B, H, T, N = q.shape
-    S = k.shape[2]
-    P = S - T                                                           # cached positions
+    n_keys = k.shape[2]                                                 # P + T
+    P = n_keys - T                                                      # cached positions
     if T == 1 or P == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
-    bq = max(1, min(T, block_elements // S))                            # queries per block
-    # One mask for every block: mask[i, j] = -inf where j > S - bq + i. Block [t0, t1) (queries
+    bq = max(1, min(T, block_elements // n_keys))                       # queries per block
+    # One mask for every block: mask[i, j] = -inf where j > n_keys - bq + i. Block [t0, t1) (queries
     # P + t0 ..., keys [0, P + t1)) takes its last t1 - t0 rows and last P + t1 columns, a view.
-    mask = torch.full((bq, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - bq + 1)  # [bq, S]
+    mask = torch.full((bq, n_keys), float("-inf"), dtype=q.dtype, device=q.device).triu_(n_keys - bq + 1)
     o = torch.empty_like(q)                                             # [B, H, T, N]
     for t0 in range(0, T, bq):
         t1 = min(T, t0 + bq)
         o[:, :, t0:t1] = F.scaled_dot_product_attention(
             q[:, :, t0:t1], k[:, :, :P + t1], v[:, :, :P + t1],
-            attn_mask=mask[bq - (t1 - t0):, S - (P + t1):], enable_gqa=True)
+            attn_mask=mask[bq - (t1 - t0):, n_keys - (P + t1):], enable_gqa=True)
     return o
 
 
-def attention_transient_bytes(new_tokens: int, context: int, dtype_bytes: int = 4,
-                              block_elements: int = 2 ** 22) -> int:
-    """Bytes causal_attention allocates per call beyond q, k, v and its output, when `new_tokens`
-    queries attend over `context` keys (context = cached + new): after a cache, the one additive
-    mask [bq, context] in the model dtype, bq = min(new_tokens, block_elements // context) (at least
-    1), so at most max(block_elements, context) numbers whatever the context; nothing for a fresh
-    prefill or a decode step. The same for any batch and number of heads (the mask is broadcast).
-    Not counted: the flash kernel's per-thread tiles (on a CPU, float32 [q_split, kv_split] scores
-    and [q_split, N] accumulators per thread, about 1-3 MB on 2 threads)."""
-    if new_tokens == 1 or new_tokens == context:
-        return 0
-    bq = max(1, min(new_tokens, block_elements // context))
-    return bq * context * dtype_bytes
-
-
 class GQAAttention(nn.Module):
-    """Causal softmax attention, grouped KV heads, no position encoding, with a KV cache:
-        o = softmax(q K^T * N^-0.5 + causal mask) V   over [cached keys, new keys]
+    """Causal softmax attention (SPEC.md §6), grouped KV heads, no position encoding, with a KV cache:
+        o = softmax(q k^T * N^-0.5 + causal mask) v   over [cached keys, new keys]
     computed by causal_attention (scaled_dot_product_attention, memory linear in the context),
     which the tests hold to causal_attention_reference, the formula written out.
     Which SDPA kernel runs: on a CPU with torch >= 2.9 its flash kernel in every case (float64,
@@ -428,6 +387,8 @@ class GQAAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One block: an hxa079 time-mix or a NoPE GQA attention (self_attn), then SwiGLU (mlp)."""
+
     def __init__(self, cfg: HRWKV7Config, layer_id: int):
         super().__init__()
         self.is_gqa = cfg.is_gqa(layer_id)
@@ -436,24 +397,27 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, s, v_first, k_first, wkv_impl="auto"):
-        """x = x + mix(rmsnorm(x));  x = x + mlp(rmsnorm(x)).  s: this layer's state (None: empty);
-        cos, sin, v_first, k_first: the RWKV layers' RoPE tables and first-layer values/keys."""
+    def forward(self, x, cos, sin, layer_state, v_first, k_first, wkv_impl="auto"):
+        """x = x + mix(rmsnorm(x));  x = x + mlp(rmsnorm(x)).  layer_state: this layer's part of the
+        state (None: empty); cos, sin, v_first, k_first: the RWKV layers' RoPE tables and first-layer
+        values/keys. -> x, the layer's new state, v_first, k_first."""
         h = self.input_layernorm(x)
         if self.is_gqa:
-            out, s = self.self_attn(h, s)
+            out, layer_state = self.self_attn(h, layer_state)
         else:
-            out, s, v_first, k_first = self.self_attn(h, cos, sin, s, v_first, k_first, wkv_impl)
+            out, layer_state, v_first, k_first = self.self_attn(h, cos, sin, layer_state, v_first, k_first,
+                                                                 wkv_impl)
         x = x + out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, s, v_first, k_first
+        return x, layer_state, v_first, k_first
 
 
 @dataclass
 class HRWKV7State:
-    """Everything the model carries between calls.
-    layers[i] is S [B, H, K, V] for an RWKV layer, (k_cache, v_cache) [B, KV, T_past, N] for a GQA
-    layer; pos is the number of tokens already seen (the RoPE offset of the RWKV layers)."""
+    """Everything the model carries between calls (SPEC.md §7).
+    layers[i] is the WKV state [B, H, N, N] (rows: key dimension, columns: value dimension) for an
+    RWKV layer, the cache (k, v) [B, KV, T_past, N] for a GQA layer, or None (empty: no token yet);
+    pos is the number of tokens already seen (the RoPE offset of the RWKV layers)."""
     layers: list
     pos: int = 0
 
@@ -464,14 +428,33 @@ class HRWKV7State:
 
 
 class HRWKV7Model(nn.Module):
+    """embed -> the decoder layers -> final RMSNorm (SPEC.md §2), carrying the state."""
+
     def __init__(self, cfg: HRWKV7Config):
         super().__init__()
+        self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def forward(self, input_ids, state: HRWKV7State, wkv_impl="auto"):
+        """input_ids [B, T], state (checked) -> x [B, T, C] after the final norm, the state after the T
+        tokens. Positions are absolute: state.pos, ..., state.pos + T - 1."""
+        T = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)                                # [B, T, C]
+        pos = torch.arange(state.pos, state.pos + T, device=x.device)
+        cos, sin = rope_cos_sin(pos, self.config.head_size, self.config.rope_theta, x.dtype, x.device)  # [T, N]
+        v_first = k_first = None
+        layers = []
+        for layer, layer_state in zip(self.layers, state.layers):
+            x, layer_state, v_first, k_first = layer(x, cos, sin, layer_state, v_first, k_first, wkv_impl)
+            layers.append(layer_state)
+        return self.norm(x), HRWKV7State(layers, state.pos + T)
+
 
 class HRWKV7ForCausalLM(nn.Module):
+    """HRWKV7Model + lm_head (or the tied embedding): ids and state in, logits and the new state out."""
+
     def __init__(self, config: HRWKV7Config):
         super().__init__()
         self.config = config
@@ -483,8 +466,11 @@ class HRWKV7ForCausalLM(nn.Module):
     # ---- weights
 
     @torch.no_grad()
-    def init_random(self, seed: int = 0, std: float = 0.02):
-        """Small random weights for tests and the demo (not the training initialisation)."""
+    def init_random(self, seed: int = 0, std: float = 0.1):
+        """Random weights for tests and the demo (not the training initialisation): N(0, std^2) for
+        the projections, embeddings and head; norm weights 1 + N(0, 0.01); the biases w0, a0, v0, k0
+        N(0, 1); the low-rank matrices and r_k N(0, 0.09). Drawn in float64 from a generator seeded
+        with `seed`, then cast to the parameters' dtype."""
         gen = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
@@ -494,7 +480,7 @@ class HRWKV7ForCausalLM(nn.Module):
             elif name.rsplit(".", 1)[-1] in HXA079_PARAMS:
                 val = 0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
             else:
-                val = std * 5 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                val = std * torch.randn(p.shape, generator=gen, dtype=torch.float64)
             p.copy_(val.to(p.dtype))
         return self
 
@@ -502,94 +488,32 @@ class HRWKV7ForCausalLM(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, *, revision=None,
                         compute_dtype=None, device_map=None, offload_folder=None,
                         progress=False) -> "HRWKV7ForCausalLM":
-        """Load an HF-layout checkpoint: config.json + model.safetensors, or the shards a
-        model.safetensors.index.json names. `path` is a directory, or an HF repo id ("owner/name",
-        at `revision`) resolved through the HF cache (see resolve_checkpoint). `config` (a dict or an
-        HRWKV7Config) overrides keys of config.json. Names and shapes are checked against the config
-        before any tensor is read; each tensor is then read and cast to `dtype` on `device`, one at a
-        time. (Other formats, .pth among them, and incomplete config.json files: convert.py.)
-
-        compute_dtype: keep the weights in `dtype` (e.g. bfloat16) but compute in compute_dtype (e.g.
-            float32): each weight is cast when a module reads it (a torch parametrization).
-        device_map: "auto" or {module name: device} ("cpu", "disk", 0, "cuda:1", ...): layers placed
-            across devices with accelerate (its device-map inference, dispatch and disk offload to
-            `offload_folder`); `device` is then unused. Each layer's state stays on its layer's device.
-        progress: a tqdm bar while the tensors load."""
-        path = resolve_checkpoint(path, revision)
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-        config = HRWKV7Config.from_json(cfg_path, config.to_dict() if isinstance(config, HRWKV7Config) else config)
-        files = safetensors_files(path)                                 # {name: (file, shape)}
-        with torch.device("meta"):
-            model = cls(config)
-        check_state_dict(model, {name: shape for name, (_, shape) in files.items()}, where=path)
-        if device_map is not None:
-            if compute_dtype is not None:
-                raise ValueError("from_pretrained: compute_dtype is not supported together with device_map")
-            return dispatch_checkpoint(model, path, device_map, dtype, offload_folder).eval()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(files), desc="loading tensors", unit="tensor")
-        state_dict = {}
-        for file in sorted({file for file, _ in files.values()}):
-            with safe_open(file, framework="pt") as f:
-                for name in (name for name, (fn, _) in files.items() if fn == file):
-                    state_dict[name] = f.get_tensor(name).to(dtype=dtype, device=device)
-                    if bar is not None:
-                        bar.update()
-        if bar is not None:
-            bar.close()
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        if compute_dtype is not None and compute_dtype != dtype:
-            compute_in(model, compute_dtype)
-        return model.eval()
+        """Load an HF-layout checkpoint (a directory or an HF repo id): load_pretrained, under Loading."""
+        return load_pretrained(path, dtype, device, config, revision=revision, compute_dtype=compute_dtype,
+                               device_map=device_map, offload_folder=offload_folder, progress=progress,
+                               model_class=cls)
 
     @property
     def dtype(self):
         return self.model.embed_tokens.weight.dtype
 
-    @property
-    def head_weight(self):
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-
     # ---- state
 
     def state_layout(self, batch_size: int) -> list:
-        """Per layer ("RWKV", S shape, dtype) or ("GQA", cache shape with no positions yet, dtype)."""
+        """Per layer ("RWKV", WKV state shape, dtype) or ("GQA", cache shape with no positions yet, dtype)."""
         cfg = self.config
         H, KV, N = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-        sd = torch.float64 if self.dtype == torch.float64 else torch.float32
         return [("GQA", (batch_size, KV, 0, N), self.dtype) if cfg.is_gqa(i) else
-                ("RWKV", (batch_size, H, N, N), sd) for i in range(cfg.num_hidden_layers)]
+                ("RWKV", (batch_size, H, N, N), state_dtype(self.dtype)) for i in range(cfg.num_hidden_layers)]
 
-    def check_state(self, state: HRWKV7State, batch_size: int):
-        """Raise a ValueError if `state` does not belong to this config, dtype and batch size."""
-        layout = self.state_layout(batch_size)
-        if not isinstance(state, HRWKV7State):
-            raise ValueError(f"state must be an HRWKV7State, got {type(state).__name__}")
-        if len(state.layers) != len(layout):
-            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(layout)}")
-        for i, (s, (kind, want, dtype)) in enumerate(zip(state.layers, layout)):
-            if (kind == "GQA") != isinstance(s, tuple):
-                raise ValueError(f"state.layers[{i}]: layer {i} is {kind}, the state holds the other kind")
-            for got in s if kind == "GQA" else [s]:
-                gs, ws = tuple(got.shape), want
-                if kind == "GQA":
-                    gs, ws = gs[:2] + gs[3:], ws[:2] + ws[3:]            # the cache length may be anything
-                if gs != ws or got.dtype != dtype:
-                    raise ValueError(f"state.layers[{i}] ({kind}) has shape {tuple(got.shape)} {got.dtype}, "
-                                     f"expected {want} {dtype} (batch size {batch_size})")
-            if kind == "GQA" and s[0].shape[2] != state.pos:
-                raise ValueError(f"state.layers[{i}] caches {s[0].shape[2]} positions but state.pos={state.pos}")
-
-    # ---- forward
-
-    def forward(self, input_ids, state: Optional[HRWKV7State] = None):
-        """input_ids [B, T] -> logits [B, T, vocab], the state after the T tokens."""
-        cfg = self.config
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+    def check_inputs(self, input_ids, state: Optional[HRWKV7State], check_ids: bool = True) -> HRWKV7State:
+        """Refuse, with a ValueError naming what is wrong, before any work: input_ids that are not an
+        integer tensor [B, T] with T >= 1 and every id in [0, vocab_size) (one host sync; skipped when
+        check_ids is False), and a state whose layers do not match this model's layer kinds, shapes,
+        dtypes and batch size B, or whose caches disagree with state.pos. Returns the state (an empty
+        one for None)."""
+        n_vocab = self.config.vocab_size
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (
                 torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError("input_ids must be an integer tensor [B, T], got "
                              + (f"{input_ids.dtype} {tuple(input_ids.shape)}" if torch.is_tensor(input_ids)
@@ -597,29 +521,50 @@ class HRWKV7ForCausalLM(nn.Module):
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids has no tokens (T == 0)")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"input_ids contains token id {hi if hi >= cfg.vocab_size else lo}, "
-                             f"outside [0, vocab_size={cfg.vocab_size})")
+        if check_ids and not bool(((input_ids >= 0) & (input_ids < n_vocab)).all()):
+            bad = input_ids[(input_ids < 0) | (input_ids >= n_vocab)][0].item()
+            raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={n_vocab})")
+        layout = self.state_layout(B)
         if state is None:                                               # each layer starts empty
-            state = HRWKV7State([None] * cfg.num_hidden_layers, 0)
-        else:
-            self.check_state(state, B)
+            return HRWKV7State([None] * len(layout), 0)
+        if not isinstance(state, HRWKV7State):
+            raise ValueError(f"state must be an HRWKV7State, got {type(state).__name__}")
+        if len(state.layers) != len(layout):
+            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(layout)}")
+        for i, (s, (kind, want, dtype)) in enumerate(zip(state.layers, layout)):
+            if s is None:
+                if kind == "GQA" and state.pos != 0:
+                    raise ValueError(f"state.layers[{i}] (GQA) holds no cache but state.pos={state.pos}")
+                continue
+            if (kind == "GQA") != isinstance(s, tuple):
+                raise ValueError(f"state.layers[{i}]: layer {i} is {kind}, the state holds the other kind")
+            for got in s if kind == "GQA" else [s]:
+                if got.dim() != len(want) or got.shape[0] != B:
+                    raise ValueError(f"state.layers[{i}] ({kind}) has shape {tuple(got.shape)}: batch size "
+                                     f"{got.shape[0] if got.dim() else '?'}, but input_ids has batch size {B}")
+                got_shape, want_shape = tuple(got.shape), want
+                if kind == "GQA":                                       # the cache length may be anything
+                    got_shape, want_shape = got_shape[:2] + got_shape[3:], want[:2] + want[3:]
+                if got_shape != want_shape or got.dtype != dtype:
+                    raise ValueError(f"state.layers[{i}] ({kind}) has shape {tuple(got.shape)} {got.dtype}, "
+                                     f"expected {want} {dtype} (batch size {B})")
+            if kind == "GQA" and s[0].shape[2] != state.pos:
+                raise ValueError(f"state.layers[{i}] caches {s[0].shape[2]} positions but state.pos={state.pos}")
+        return state
 
-        x = self.model.embed_tokens(input_ids)                          # [B, T, C]
-        pos = torch.arange(state.pos, state.pos + T, device=x.device)
-        cos, sin = rope_cos_sin(pos, cfg.head_size, cfg.rope_theta, x.dtype, x.device)  # [T, N]
-        v_first = k_first = None
-        new_layers = []
-        for layer, s in zip(self.model.layers, state.layers):
-            x, s, v_first, k_first = layer(x, cos, sin, s, v_first, k_first, self.wkv_impl)
-            new_layers.append(s)
-        x = self.model.norm(x)
+    # ---- forward
+
+    def forward(self, input_ids, state: Optional[HRWKV7State] = None, *, check_ids: bool = True):
+        """input_ids [B, T] -> logits [B, T, n_vocab], the state after the T tokens. `state` (None: empty) is
+        read, never changed. check_ids=False skips the token-id range check, the one host sync of a
+        call (generate passes it for the tokens it drew itself)."""
+        state = self.check_inputs(input_ids, state, check_ids)
+        x, state = self.model(input_ids, state, self.wkv_impl)          # [B, T, C]
         if self.config.tie_word_embeddings:
-            logits = F.linear(x, self.model.embed_tokens.weight)       # [B, T, V]
+            logits = F.linear(x, self.model.embed_tokens.weight)       # [B, T, n_vocab]
         else:
-            logits = self.lm_head(x)
-        return logits, HRWKV7State(new_layers, state.pos + T)
+            logits = self.lm_head(x)                                    # [B, T, n_vocab]
+        return logits, state
 
     # ---- generation
 
@@ -629,33 +574,37 @@ class HRWKV7ForCausalLM(nn.Module):
                  on_token=None):
         """Parallel prefill of input_ids [B, T], then one token at a time through the state.
         temperature == 0 is greedy; top_p < 1 samples from the smallest set of tokens whose
-        probability reaches top_p. Stops early once every sequence has produced one of eos_token_id
-        (an int or a list; a finished sequence is padded with its EOS token). on_token(ids [B, 1]) is
-        called with each new token as soon as it is drawn. Returns [B, T + new tokens]."""
+        probability reaches top_p. Draws come from a generator of their own, seeded with `seed`
+        (None: a fresh random seed); torch's global RNG is neither used nor reseeded. Stops early
+        once every sequence has produced one of eos_token_id (an int or a list; a finished sequence
+        is padded with its EOS token). on_token(ids [B, 1]) is called with each new token as soon as
+        it is drawn; when it returns True, generation ends there. Returns [B, T + new tokens]."""
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
-                           device=input_ids.device).reshape(-1)
-        gen = torch.Generator(device=input_ids.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        device = input_ids.device
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=device).reshape(-1)
+        gen = torch.Generator(device=device)
+        if seed is None:
+            gen.seed()                                                  # this generator only
+        else:
+            gen.manual_seed(seed)
         out = [input_ids]
-        done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=device)
         logits, state = self(input_ids, state)
         for step in range(max_new_tokens):
             nxt = sample(logits[:, -1], temperature, top_p, gen)          # [B, 1]
             nxt = torch.where(done, out[-1][:, -1:], nxt)                 # a finished sequence repeats its EOS
             out.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
+            stop = on_token is not None and bool(on_token(nxt))
             done |= torch.isin(nxt, eos)
-            if step + 1 == max_new_tokens or bool(done.all()):
+            if stop or step + 1 == max_new_tokens or (len(eos) and bool(done.all())):
                 break
-            logits, state = self(nxt, state)
+            logits, state = self(nxt, state, check_ids=False)             # drawn in [0, n_vocab): no range check
         return torch.cat(out, dim=1)
 
 
 def sample(logits, temperature: float, top_p: float, gen) -> torch.Tensor:
-    """logits [B, V] -> token ids [B, 1]."""
+    """logits [B, n_vocab] -> token ids [B, 1]."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     probs = torch.softmax(logits.double() / temperature, dim=-1)
@@ -666,28 +615,83 @@ def sample(logits, temperature: float, top_p: float, gen) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=gen)
 
 
-# -----------------------------------------------------------------------------
-# Reading an HF-layout checkpoint (safetensors files, read with the safetensors package)
+# #############################################################################
+# Loading: config.json formats, the safetensors reader, from_pretrained (local directories, HF repo
+# ids, device_map, compute_dtype). Third-party packages beside torch are imported where they are used.
 
 
-def safetensors_files(ckpt_dir) -> dict:
-    """{tensor name: (file path, shape)} of an HF checkpoint directory, from the file headers alone:
-    model.safetensors, or the shards named by model.safetensors.index.json. An index entry must be a
-    bare file name of the directory (no separator, no "..", not absolute); links in the directory are
-    followed (the HF hub cache keeps each file as a link into ../../blobs). The index and the shards
-    must agree. Raises a ValueError naming the file or the entry."""
+def read_json(path, default: Optional[dict] = None) -> dict:
+    """The JSON object in the file `path`. A missing file is a FileNotFoundError, or `default` when one
+    is given; anything else that is not a JSON object is a ValueError naming the path."""
+    if default is not None and not os.path.exists(path):
+        return default
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read a JSON object ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def fold_rope_keys(d: dict, where: str = "config") -> dict:
+    """A copy of the HF config dict d with its RoPE base under `rope_theta` alone, wherever the file
+    keeps it: `rope_theta` (transformers < 5), `rope_parameters.rope_theta` (transformers >= 5) or
+    `rope_scaling.rope_theta` (some files in between); `rope_parameters` and `rope_scaling` are
+    dropped once read. This model computes plain RoPE: a rope_type other than "default" (llama3,
+    yarn, dynamic, linear, ...) is a ValueError naming it and `where`, as are two places that
+    disagree."""
+    found = {}
+    if d.get("rope_theta") is not None:
+        found["rope_theta"] = d["rope_theta"]
+    for key in ("rope_parameters", "rope_scaling"):
+        p = d.get(key)
+        if p is None:
+            continue
+        if not isinstance(p, dict) or any(isinstance(v, dict) for v in p.values()):
+            raise ValueError(f"{where}: {key} = {p!r} is not one set of RoPE parameters")
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{where}: {key} has rope_type {kind!r}; this model computes plain RoPE "
+                             f"(rope_type 'default') only")
+        if p.get("rope_theta") is not None:
+            found[f"{key}.rope_theta"] = p["rope_theta"]
+    if len({float(v) for v in found.values()}) > 1:
+        raise ValueError(f"{where}: the RoPE base is given twice, differently: {found}")
+    d = {key: val for key, val in d.items() if key not in ("rope_parameters", "rope_scaling")}
+    if found:
+        d["rope_theta"] = float(next(iter(found.values())))
+    return d
+
+
+def override_config(d: dict, overrides: Optional[dict], where: str = "config") -> dict:
+    """config dict d with the keys of `overrides` replacing its own. Each one's RoPE base is read
+    first (fold_rope_keys), so an overriding rope_theta replaces a file's rope_parameters too."""
+    return {**fold_rope_keys(d, where), **fold_rope_keys(overrides or {}, "overrides")}
+
+
+@contextlib.contextmanager
+def open_safetensors(ckpt_dir):
+    """Open the safetensors files of an HF checkpoint directory, each once, and read their headers:
+    yields {tensor name: (file path, shape, open file)}; the files stay open (memory-mapped, nothing
+    read but the headers) until the block ends. The files are model.safetensors, or the shards named
+    by model.safetensors.index.json. An index entry must be a bare file name of the directory (no
+    separator, no "..", not absolute); links in the directory are followed (the HF hub cache keeps
+    each file as a link into ../../blobs). The index and the shards must agree. Raises a ValueError
+    naming the file or the entry."""
+    from safetensors import safe_open
     ckpt_dir = os.fspath(ckpt_dir)
     single = os.path.join(ckpt_dir, "model.safetensors")
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.exists(single):
         weight_map = None
     elif os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            assert isinstance(weight_map, dict)
-        except Exception as e:
-            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a safetensors index with a weight_map")
         for name, file in weight_map.items():
             if (not isinstance(file, str) or file in ("", ".", "..") or os.path.basename(file) != file
                     or "/" in file or "\\" in file):
@@ -696,22 +700,30 @@ def safetensors_files(ckpt_dir) -> dict:
     else:
         raise FileNotFoundError(f"{ckpt_dir}: neither model.safetensors nor model.safetensors.index.json")
     out, problems = {}, []
-    for file in ["model.safetensors"] if weight_map is None else sorted(set(weight_map.values())):
-        full = os.path.join(ckpt_dir, file)
-        try:
-            with safe_open(full, framework="pt") as f:
+    with contextlib.ExitStack() as stack:
+        for file in ["model.safetensors"] if weight_map is None else sorted(set(weight_map.values())):
+            full = os.path.join(ckpt_dir, file)
+            try:
+                f = stack.enter_context(safe_open(full, framework="pt"))
                 shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        except Exception as e:                      # missing, truncated, corrupt header, not safetensors
-            raise ValueError(f"{full}: not a valid safetensors file ({e})") from None
-        for name, shape in shapes.items():
-            if weight_map is not None and weight_map.get(name) != file:
-                problems.append(f"{file} holds {name}, which the index maps to {weight_map.get(name)!r}")
-            out[name] = (full, shape)
-    problems += [f"the index maps {name} to {file}, which does not hold it"
-                 for name, file in (weight_map or {}).items() if name not in out]
-    if problems:
-        raise ValueError(f"{index} disagrees with its shards:\n  " + "\n  ".join(sorted(problems)))
-    return out
+            except Exception as e:                  # missing, truncated, corrupt header, not safetensors
+                raise ValueError(f"{full}: not a valid safetensors file ({e})") from None
+            for name, shape in shapes.items():
+                if weight_map is not None and weight_map.get(name) != file:
+                    problems.append(f"{file} holds {name}, which the index maps to {weight_map.get(name)!r}")
+                out[name] = (full, shape, f)
+        problems += [f"the index maps {name} to {file}, which does not hold it"
+                     for name, file in (weight_map or {}).items() if name not in out]
+        if problems:
+            raise ValueError(f"{index} disagrees with its shards:\n  " + "\n  ".join(sorted(problems)))
+        yield out
+
+
+def safetensors_files(ckpt_dir) -> dict:
+    """{tensor name: (file path, shape)} of an HF checkpoint directory, from the file headers alone
+    (checked as open_safetensors says)."""
+    with open_safetensors(ckpt_dir) as tensors:
+        return {name: (file, shape) for name, (file, shape, _) in tensors.items()}
 
 
 def check_state_dict(model: nn.Module, shapes: dict, where: str = "checkpoint"):
@@ -755,6 +767,36 @@ def resolve_checkpoint(path_or_repo, revision=None) -> str:
         raise FileNotFoundError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def check_device(device, what: str = "device") -> torch.device:
+    """torch.device(device), or a ValueError naming `what` when it is not a device, or not one here."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what} = {device!r} is not a device") from None
+    n_cuda = torch.cuda.device_count()
+    if d.type == "meta" or (d.type == "cuda" and (d.index or 0) >= n_cuda) or (
+            d.type not in ("cpu", "cuda") and not getattr(torch, d.type, None)):
+        raise ValueError(f"{what} = {device!r}: no such device here (CUDA devices: {n_cuda})")
+    return d
+
+
+def read_tensors(tensors: dict, dtype, device, progress=False) -> dict:
+    """{name: tensor} read from open_safetensors' open files, file by file, each tensor cast to dtype
+    on device as soon as it is read."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(tensors), desc="loading tensors", unit="tensor")
+    state_dict = {}
+    for name, (_, _, f) in sorted(tensors.items(), key=lambda item: item[1][0]):
+        state_dict[name] = f.get_tensor(name).to(dtype=dtype, device=device)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return state_dict
+
+
 def dispatch_checkpoint(model: nn.Module, ckpt_dir, device_map, dtype, offload_folder=None) -> nn.Module:
     """Load ckpt_dir into `model` (built on the meta device) placed by `device_map` ("auto" or
     {module name: device}), with accelerate: infer_auto_device_map keeps each DecoderLayer whole,
@@ -765,19 +807,12 @@ def dispatch_checkpoint(model: nn.Module, ckpt_dir, device_map, dtype, offload_f
         device_map = infer_auto_device_map(model, no_split_module_classes=["DecoderLayer"], dtype=dtype)
     if not isinstance(device_map, dict):
         raise ValueError(f"device_map must be 'auto' or a dict {{module name: device}}, got {device_map!r}")
-    n_cuda = torch.cuda.device_count()
     for name, dev in device_map.items():
         if dev == "disk":
             if offload_folder is None:
                 raise ValueError(f"device_map sends {name!r} to disk: give offload_folder (a directory to write to)")
             continue
-        try:
-            d = torch.device(dev)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device_map[{name!r}] = {dev!r} is not a device") from None
-        if d.type == "meta" or (d.type == "cuda" and (d.index or 0) >= n_cuda) or (
-                d.type not in ("cpu", "cuda", "meta") and not getattr(torch, d.type, None)):
-            raise ValueError(f"device_map[{name!r}] = {dev!r}: no such device here (CUDA devices: {n_cuda})")
+        check_device(dev, f"device_map[{name!r}]")
     return load_checkpoint_and_dispatch(model, os.fspath(ckpt_dir), device_map=device_map, dtype=dtype,
                                         offload_folder=offload_folder, no_split_module_classes=["DecoderLayer"])
 
@@ -803,13 +838,50 @@ def compute_in(model: nn.Module, dtype) -> nn.Module:
     return model
 
 
+def load_pretrained(path, dtype=torch.float32, device="cpu", config=None, *, revision=None, compute_dtype=None,
+                    device_map=None, offload_folder=None, progress=False, model_class=None):
+    """HRWKV7ForCausalLM.from_pretrained. Load an HF-layout checkpoint: config.json + model.safetensors,
+    or the shards a model.safetensors.index.json names. `path` is a directory, or an HF repo id
+    ("owner/name", at `revision`) resolved through the HF cache (see resolve_checkpoint). `config`
+    (a dict or an HRWKV7Config) overrides keys of config.json. Names and shapes are checked against
+    the config before any tensor is read; each tensor is then read and cast to `dtype` on `device`,
+    one at a time. (Other formats, .pth among them, and incomplete config.json files: convert.py.)
+
+    compute_dtype: keep the weights in `dtype` (e.g. bfloat16) but compute in compute_dtype (e.g.
+        float32): each weight is cast when a module reads it (a torch parametrization).
+    device_map: "auto" or {module name: device} ("cpu", "disk", 0, "cuda:1", ...): layers placed
+        across devices with accelerate (its device-map inference, dispatch and disk offload to
+        `offload_folder`); `device` is then unused. Each layer's state stays on its layer's device.
+    progress: a tqdm bar while the tensors load."""
+    if device_map is not None and compute_dtype is not None:
+        raise ValueError("from_pretrained: compute_dtype is not supported together with device_map")
+    if device_map is None:
+        device = check_device(device)
+    path = resolve_checkpoint(path, revision)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    config = HRWKV7Config.from_json(cfg_path, config.to_dict() if isinstance(config, HRWKV7Config) else config)
+    with torch.device("meta"):
+        model = (model_class or HRWKV7ForCausalLM)(config)
+    with open_safetensors(path) as tensors:                             # {name: (file, shape, open file)}
+        check_state_dict(model, {name: shape for name, (_, shape, _) in tensors.items()}, where=path)
+        if device_map is not None:
+            return dispatch_checkpoint(model, path, device_map, dtype, offload_folder).eval()
+        state_dict = read_tensors(tensors, dtype, device, progress)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if compute_dtype is not None and compute_dtype != dtype:
+        compute_in(model, compute_dtype)
+    return model.eval()
+
+
 # -----------------------------------------------------------------------------
-# Memory: state + KV cache, analytic
+# Memory (state + KV cache, the attention's transient memory) and the presets
 
 
 def state_bytes(cfg: HRWKV7Config, context: int, batch: int = 1, kv_bytes: int = 2, state_bytes_per: int = 4):
-    """Bytes of (RWKV states, GQA KV caches) after `context` tokens: S is [H, N, N] float32 per
-    RWKV layer, the cache 2 x [KV, context, N] in the model dtype per GQA layer."""
+    """Bytes of (RWKV states, GQA KV caches) after `context` tokens: the WKV state is [H, N, N]
+    float32 per RWKV layer, the cache 2 x [KV, context, N] in the model dtype per GQA layer."""
     H, KV, N = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     n_gqa = len(cfg.transformer_layers)
     rwkv = (cfg.num_hidden_layers - n_gqa) * batch * H * N * N * state_bytes_per
@@ -817,10 +889,28 @@ def state_bytes(cfg: HRWKV7Config, context: int, batch: int = 1, kv_bytes: int =
     return rwkv, kv
 
 
-REKA_FLASH_31 = dict(  # the teacher's shapes; the hybrid keeps 6 GQA layers
+def attention_transient_bytes(new_tokens: int, context: int, dtype_bytes: int = 4,
+                              block_elements: int = 2 ** 22) -> int:
+    """Bytes causal_attention allocates per call beyond q, k, v and its output, when `new_tokens`
+    queries attend over `context` keys (context = cached + new): after a cache, the one additive
+    mask [bq, context] in the model dtype, bq = min(new_tokens, block_elements // context) (at least
+    1), so at most max(block_elements, context) numbers whatever the context; nothing for a fresh
+    prefill or a decode step. The same for any batch and number of heads (the mask is broadcast).
+    Not counted: the flash kernel's per-thread tiles (on a CPU, float32 [q_split, kv_split] scores
+    and [q_split, N] accumulators per thread, about 1-3 MB on 2 threads)."""
+    if new_tokens == 1 or new_tokens == context:
+        return 0
+    bq = max(1, min(new_tokens, block_elements // context))
+    return bq * context * dtype_bytes
+
+
+# HRWKV7-Reka-Flash3.1-Preview: the teacher's shapes, and the GQA layers and q/k norms of its training
+# configs (RWKVInside configs/reka_flash3.1_hybrid_l6*.yaml at commit ae22207: transformer_layers
+# [8, 15, 22, 29, 36, 43], disable_qk_norm True)
+REKA_FLASH_31 = dict(
     vocab_size=100352, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
     num_key_value_heads=8, head_dim=96, intermediate_size=19648, rms_norm_eps=1e-5, rope_theta=8e6,
-    transformer_layers=[7, 14, 21, 28, 35, 42])  # placement illustrative: only the count matters below
+    transformer_layers=[8, 15, 22, 29, 36, 43], enable_qk_norm=False)
 
 TINY = dict(vocab_size=128, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=12, intermediate_size=96, transformer_layers=[2], lora_rank_decay=8, lora_rank_iclr=8,
@@ -836,8 +926,7 @@ def demo():
     t0 = time.perf_counter()
     cfg = HRWKV7Config.from_dict(TINY)
     model = HRWKV7ForCausalLM(cfg).double().init_random(seed=0).eval()
-    kinds = "".join("G" if cfg.is_gqa(i) else "R" for i in range(cfg.num_hidden_layers))
-    print(f"tiny random hxa079 model, float64: layers {kinds} (R = RWKV, G = NoPE GQA), "
+    print(f"tiny random hxa079 model, float64: layers {cfg.layer_kinds} (R = RWKV, G = NoPE GQA), "
           f"C={cfg.hidden_size} H={cfg.num_attention_heads} KV={cfg.num_key_value_heads} N={cfg.head_size}")
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -857,13 +946,15 @@ def demo():
     print(f"  greedy generation from 8 prompt tokens: {out[0, 8:].tolist()}")
 
     big = HRWKV7Config.from_dict(REKA_FLASH_31)
+    n_gqa = len(big.transformer_layers)
     ctx = 32768
     rwkv, kv = state_bytes(big, ctx)
     all_gqa = state_bytes(HRWKV7Config.from_dict({**REKA_FLASH_31, "transformer_layers": list(range(44))}), ctx)[1]
     gib = 2 ** 30
-    print(f"Reka-Flash-3.1 shapes at {ctx} tokens, batch 1 (RWKV state float32, KV cache bfloat16):")
-    print(f"  hybrid (38 RWKV + 6 GQA): RWKV states {rwkv / gib:.3f} GiB + KV cache {kv / gib:.3f} GiB "
-          f"= {(rwkv + kv) / gib:.3f} GiB")
+    print(f"Reka-Flash-3.1 hybrid, layers {big.layer_kinds} (GQA at {', '.join(map(str, big.transformer_layers))}),")
+    print(f"  at {ctx} tokens, batch 1 (RWKV state float32, KV cache bfloat16):")
+    print(f"  hybrid ({big.num_hidden_layers - n_gqa} RWKV + {n_gqa} GQA): RWKV states {rwkv / gib:.3f} GiB + "
+          f"KV cache {kv / gib:.3f} GiB = {(rwkv + kv) / gib:.3f} GiB")
     print(f"  all 44 layers GQA:       KV cache {all_gqa / gib:.3f} GiB  ({all_gqa / (rwkv + kv):.1f}x the hybrid)")
     extra = attention_transient_bytes(8192, ctx, dtype_bytes=2)
     print(f"  while prefilling: + {extra / 2 ** 20:.0f} MiB of attention mask for the last 8192 of {ctx} tokens "
@@ -872,122 +963,10 @@ def demo():
     assert (full - split).abs().max() / scale < 1e-9 and (full - stepwise).abs().max() / scale < 1e-9
 
 
-def read_json_if_present(path) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def chat_prompt(ckpt_dir, user_message: str) -> str:
-    """The checkpoint's own chat template (tokenizer_config.json's chat_template, or chat_template.jinja)
-    rendered with jinja2 as transformers renders it: a sandboxed environment with trim_blocks and
-    lstrip_blocks, messages, add_generation_prompt=True, the special tokens, raise_exception."""
-    tok_cfg = read_json_if_present(os.path.join(ckpt_dir, "tokenizer_config.json"))
-    template = tok_cfg.get("chat_template")
-    if isinstance(template, list):                                      # named templates: take "default"
-        template = {t.get("name"): t.get("template") for t in template}.get("default")
-    jinja_file = os.path.join(ckpt_dir, "chat_template.jinja")
-    if template is None and os.path.exists(jinja_file):
-        with open(jinja_file) as f:
-            template = f.read()
-    if not template:
-        raise ValueError(f"{ckpt_dir}: --chat needs a chat template, and neither tokenizer_config.json's "
-                         f"chat_template nor chat_template.jinja has one")
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise ValueError(f"{ckpt_dir}: the chat template refused the conversation: {message}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    special = {key: (val.get("content") if isinstance(val, dict) else val) for key, val in tok_cfg.items()
-               if key.endswith("_token")}
-    return env.from_string(template).render(messages=[{"role": "user", "content": user_message}],
-                                            add_generation_prompt=True, **special)
-
-
-def eos_token_ids(ckpt_dir) -> list:
-    """The EOS token id(s) of generation_config.json, else of config.json."""
-    for name in ("generation_config.json", "config.json"):
-        eos = read_json_if_present(os.path.join(ckpt_dir, name)).get("eos_token_id")
-        if eos is not None:
-            return eos if isinstance(eos, list) else [eos]
-    return []
-
-
-def run_checkpoint(model_path, prompt, *, chat=False, dtype=None, compute_dtype=None, device=None, device_map=None,
-                   revision=None, offload_folder=None, max_new_tokens=256, temperature=1.0, top_p=0.9, seed=None):
-    """What `python hrwkv7_ref.py --model ...` does: load, tokenize (the checkpoint's tokenizer.json and,
-    with chat, its chat template), stream the generated text, print load time and tokens/s."""
-    import sys
-    t0 = time.perf_counter()
-    path = resolve_checkpoint(model_path, revision)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device_map is not None or torch.device(device).type != "cpu"
-    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
-    model = HRWKV7ForCausalLM.from_pretrained(path, dtype=dtype, device=device, device_map=device_map,
-                                              offload_folder=offload_folder, compute_dtype=compute_dtype,
-                                              progress=True)
-    load_s = time.perf_counter() - t0
-    tok_path = os.path.join(path, "tokenizer.json")
-    text = chat_prompt(path, prompt) if chat else prompt
-    if os.path.exists(tok_path):
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(tok_path)
-        ids = tok.encode(text, add_special_tokens=not chat).ids          # a chat template writes its own BOS
-    elif chat:
-        raise ValueError(f"{path}: --chat needs tokenizer.json")
-    else:
-        tok = None
-        print("no tokenizer.json: the prompt is read as token ids", file=sys.stderr)
-        ids = [int(t) for t in prompt.split()]
-    new, times = [], []
-
-    def show(nxt):                                                      # stream: print the text added
-        times.append(time.perf_counter())
-        before = tok.decode(new) if tok else ""
-        new.append(int(nxt[0, 0]))
-        print(tok.decode(new)[len(before):] if tok else f"{new[-1]} ", end="", flush=True)
-    t1 = time.perf_counter()
-    model.generate(torch.tensor([ids], device=device if device_map is None else "cpu"), max_new_tokens,
-                   temperature, top_p, seed=seed, eos_token_id=eos_token_ids(path), on_token=show)
-    print()
-    prefill_s = times[0] - t1                                           # prefill + the first token drawn
-    decode = f"{(len(times) - 1) / (times[-1] - times[0]):.1f} tokens/s" if len(times) > 1 else "-"
-    print(f"[load {load_s:.1f} s ({dtype}, {device if device_map is None else 'device_map'}); prefill "
-          f"{len(ids)} tokens at {len(ids) / prefill_s:.1f} tokens/s; decode {len(times) - 1} tokens at {decode}]",
-          file=sys.stderr)
-    return ids + new
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="hxa079 reference: the demo on a tiny random model (no --model), "
-                                             "or run a checkpoint")
-    ap.add_argument("--model", help="HF-layout checkpoint directory, or an HF repo id (owner/name)")
-    ap.add_argument("--revision", help="the repo id's branch, tag or commit")
-    ap.add_argument("--prompt", default="The capital of France is")
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
-                    help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
-    ap.add_argument("--compute-dtype", choices=["float32", "float64"],
-                    help="compute in this dtype, weights kept in --dtype (e.g. bfloat16 weights, float32 logits)")
-    ap.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
-    ap.add_argument("--device-map", help="'auto': spread the layers over the GPUs, the CPU and --offload-folder")
-    ap.add_argument("--offload-folder", help="where --device-map may offload layers to disk")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--seed", type=int)
-    args = ap.parse_args(argv)
-    if args.model:
-        run_checkpoint(args.model, args.prompt, chat=args.chat, dtype=args.dtype and getattr(torch, args.dtype),
-                       compute_dtype=args.compute_dtype and getattr(torch, args.compute_dtype), device=args.device,
-                       device_map=args.device_map, revision=args.revision,
-                       offload_folder=args.offload_folder, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    else:
-        demo()
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:]:                                                    # the command line is hrwkv7_cli.py
+        print("error: hrwkv7_ref.py runs the demo and takes no arguments; to run a checkpoint: "
+              "python hrwkv7_cli.py --model DIR_OR_REPO_ID (the hrwkv7 command)", file=sys.stderr)
+        sys.exit(2)
+    demo()
