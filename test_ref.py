@@ -37,7 +37,8 @@ Contents (each section starts with a banner "# ===...", then "# <number>  <title
         refusals, imports without triton, compiles for sm_90
 1.10    wkv7_triton on a GPU only
 2     hrwkv7_ref.py
-2.1     The oracle: oracle_logits(sd, cfg, ids), the model written independently in float64
+2.1     The oracle: oracle_logits(sd, cfg, ids) = hrwkv7_loop.logits, the model written
+        independently, one token at a time, in float64 (section 3 checks the file itself)
 2.2     Config: round trip, errors that name the field
 2.3     RoPE: known values, norm kept, relative positions
 2.4     GQA with its cache against causal attention written with loops
@@ -49,21 +50,29 @@ Contents (each section starts with a banner "# ===...", then "# <number>  <title
         offload, bfloat16 weights, a repo id from the hub cache and the chat command, bad tensors
 2.9     Generation and memory accounting: greedy, streaming, EOS, sampling, RMSNorm in float32,
         state_bytes
-3     convert.py
-3.1     Round trips: .pth -> HF -> load, exact; sharded layout, dtype casts, the CLI
-3.2     Bad checkpoints and outputs: unsafe index entries, missing/unexpected/mis-shaped tensors,
+3     hrwkv7_loop.py and golden/: what a port is checked against
+3.1     The definition: hrwkv7_loop imports torch only and equals the model over drawn configs
+3.2     The golden vectors: what the loop and the model compute now, rebuilt byte for byte by
+        golden/make_golden.py; the WKV vectors against wkv7_naive and wkv7_chunked
+3.3     Known wrong variants (golden/variants.py), each planted and caught by name
+3.4     The checker's command line (golden/check.py)
+4     convert.py
+4.1    Round trips: .pth -> HF -> load, exact; sharded layout, dtype casts, the CLI
+4.2    Bad checkpoints and outputs: unsafe index entries, missing/unexpected/mis-shaped tensors,
         corrupt files, contradicting configs, pickles, permissions, half-written outputs
-3.3     Initialisation from a teacher: init_from_teacher, its formulas, its errors and CLI
-4     transformers as an external reference (skipped when transformers is not installed)
-4.1     NoPE equivalence: an all-GQA student against transformers with position_ids = 0
-4.2     A hybrid student decodes token by token like its parallel forward
-4.3     RoPE against transformers' rotary embedding
-4.4     Config handling with transformers-written files (rope_parameters, refused rope types,
+4.3    Initialisation from a teacher: init_from_teacher, its formulas, its errors and CLI
+5     hrwkv7_cli.py: stop strings over several tokens, the error convention of both commands
+6     transformers as an external reference (skipped when transformers is not installed)
+6.1    NoPE equivalence: an all-GQA student against transformers with position_ids = 0
+6.2    A hybrid student decodes token by token like its parallel forward
+6.3    RoPE against transformers' rotary embedding
+6.4    Config handling with transformers-written files (rope_parameters, refused rope types,
         sliding windows)
-5     The installed package: the wheel's contents, installed into a fresh venv
+7     The installed package: the wheel's contents, installed into a fresh venv
 """
 
 
+import ast
 import dataclasses
 import functools
 import importlib
@@ -75,6 +84,7 @@ import os
 import pathlib
 import pickle
 import re
+import runpy
 import shutil
 import site
 import subprocess
@@ -93,12 +103,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert
+import hrwkv7_cli
+import hrwkv7_loop
+import hrwkv7_ref
 import wkv_kernel
 from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,
                      parse_size, save_checkpoint)
 from fla_adapter import fla_dplr_recurrence, load_fla_dplr_naive
-from hrwkv7_ref import (HXA079_BIASES, TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,
-                        attention_transient_bytes, causal_attention, causal_attention_reference, rope_cos_sin,
+from hrwkv7_ref import (HXA079_BIASES, REKA_FLASH_31, TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm,
+                        apply_rope, attention_transient_bytes, causal_attention, causal_attention_reference, rope_cos_sin,
                         sample, state_bytes)
 from wkv_kernel import (HAS_TRITON, IMPLS, TRITON_INTERPRETED, pick_impl, wkv7, wkv7_chunked, wkv7_compiled,
                         wkv7_naive, wkv7_triton)
@@ -111,6 +124,7 @@ except ImportError:                     # CI installs it; a bare checkout skips 
 # HRWKV7_TEST_CUDA=1: the Triton kernels run on the GPU (conftest.py then leaves TRITON_INTERPRET
 # unset), and the GPU-only tests run too
 WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"
+HERE = os.path.dirname(os.path.abspath(__file__))   # the repository root: the modules, golden/, notebooks/
 
 settings.register_profile("ci", max_examples=10, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -164,7 +178,7 @@ def read_json(path):
 
 
 # tiny teachers: hidden 32-64, vocab 101; every kind is a different code path of the conversion
-# (section 4 runs each; section 3 writes its own kinds, CONVERT_TEACHERS, with safetensors)
+# (section 6 runs each; section 4 writes its own kinds, CONVERT_TEACHERS, with safetensors)
 TEACHER_KINDS = {
     # plain Llama GQA: 4 query heads on 2 KV heads
     "llama": dict(arch="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
@@ -232,10 +246,10 @@ def make_teacher(path, kind, n_layers, seed=0, dtype=torch.float64, writer="tran
     `path` in `dtype`; returns `path`. Weights: teacher_weight, drawn in float64, then rounded.
 
     writer="transformers": built by transformers and written with its save_pretrained, config.json as
-        transformers >= 5 writes it ("dtype", `rope_parameters`, no top-level `rope_theta`): section 4.
+        transformers >= 5 writes it ("dtype", `rope_parameters`, no top-level `rope_theta`): section 6.
     writer="safetensors": the same config keys and tensors (teacher_shapes: the names, shapes and
         order transformers creates, so the same values), with "architectures", "model_type" and
-        "torch_dtype", written by save_hf in 2 shards, so that section 3 needs no transformers. A
+        "torch_dtype", written by save_hf in 2 shards, so that section 4 needs no transformers. A
         top-level rope_theta in the kind or the overrides replaces `rope_parameters` (the layout
         transformers < 5 wrote)."""
     spec = dict(TEACHER_KINDS[kind] if isinstance(kind, str) else kind)
@@ -990,96 +1004,15 @@ def test_cuda_strong_decay():
 
 
 # =================================================================================================
-# 2.1  The oracle: an independent float64 implementation of SPEC.md, token by token and head by
-# head, reading the weights straight from the state dict. One entry point, used by sections 2.6
-# and 2.8: oracle_logits(sd, cfg, ids) -> float64 logits [B, T, V].
+# 2.1  The oracle: hrwkv7_loop.py, the whole model one token at a time in float64, written from
+# SPEC.md apart from hrwkv7_ref (its own loops, RoPE, softmax attention and WKV step; section 3
+# checks the file itself). One entry point, used by sections 2.6 and 2.8:
+# oracle_logits(sd, cfg, ids) -> float64 logits [B, T, V].
 
 
 def oracle_logits(sd, cfg, ids):
     """float64 logits [B, T, V] of the model with state dict `sd` and HRWKV7Config `cfg` on ids [B, T]."""
-    g = lambda name: sd[name].double()  # noqa: E731
-    H, KV, N, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers
-    eps = cfg.rms_norm_eps
-
-    def rms(x, wt):
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * wt
-
-    def rope(x, p):  # x [h, N]
-        half = N // 2
-        out = torch.empty_like(x)
-        for j in range(half):
-            ang = p / cfg.rope_theta ** (2 * j / N)
-            c, s = math.cos(ang), math.sin(ang)
-            out[:, j] = x[:, j] * c - x[:, j + half] * s
-            out[:, j + half] = x[:, j + half] * c + x[:, j] * s
-        return out
-
-    def lin(x, pre, name):
-        y = x @ g(f"{pre}{name}.weight").T
-        return y + g(f"{pre}{name}.bias") if f"{pre}{name}.bias" in sd else y
-
-    B, T = ids.shape
-    out = torch.empty(B, T, cfg.vocab_size, dtype=torch.float64)
-    for bi in range(B):
-        S = {i: torch.zeros(H, N, N, dtype=torch.float64) for i in range(L)}
-        cache = {i: ([], []) for i in range(L)}
-        for t in range(T):
-            x = g("model.embed_tokens.weight")[ids[bi, t]]
-            first = None
-            for i in range(L):
-                pre = f"model.layers.{i}.self_attn."
-                h = rms(x, g(f"model.layers.{i}.input_layernorm.weight"))
-                if i in cfg.transformer_layers:
-                    q, k, v = (lin(h, pre, n).view(-1, N) for n in ("q_proj", "k_proj", "v_proj"))
-                    if cfg.enable_qk_norm:
-                        q, k = rms(q, g(pre + "q_norm.weight")), rms(k, g(pre + "k_norm.weight"))
-                    cache[i][0].append(k)
-                    cache[i][1].append(v)
-                    Ks, Vs = torch.stack(cache[i][0]), torch.stack(cache[i][1])  # [t+1, KV, N]
-                    o = torch.empty(H, N, dtype=torch.float64)
-                    for hh in range(H):
-                        kvh = hh // (H // KV)
-                        sc = Ks[:, kvh] @ q[hh] / math.sqrt(N)
-                        p = torch.exp(sc - sc.max())
-                        o[hh] = (p / p.sum()) @ Vs[:, kvh]
-                    att = o.reshape(-1) @ g(pre + "o_proj.weight").T
-                else:
-                    r = lin(h, pre, "receptance").view(H, N)
-                    k = lin(h, pre, "key").view(KV, N)
-                    v = lin(h, pre, "value").view(KV, N)
-                    if cfg.enable_qk_norm:
-                        r, k = rms(r, g(pre + "r_norm.weight")), rms(k, g(pre + "k_norm.weight"))
-                    r, k = rope(r, t), rope(k, t)
-                    if first is None:
-                        first = (v, k)
-                    else:
-                        v = v + (first[0] - v) * torch.sigmoid(h @ g(pre + "v1") @ g(pre + "v2")
-                                                               + g(pre + "v0").reshape(-1)).view(KV, N)
-                        k = k + (first[1] - k) * torch.sigmoid(h @ g(pre + "k1") @ g(pre + "k2")
-                                                               + g(pre + "k0").reshape(-1)).view(KV, N)
-                    aa = torch.sigmoid(h @ g(pre + "a1") @ g(pre + "a2") + g(pre + "a0").reshape(-1)).view(H, N)
-                    ww = (torch.tanh(h @ g(pre + "w1")) @ g(pre + "w2") + g(pre + "w0").reshape(-1)).view(H, N)
-                    ww = -F.softplus(-ww) - 0.5
-                    gate = (torch.sigmoid(h @ g(pre + "g1")) @ g(pre + "g2")).view(H, N)
-                    y = torch.empty(H, N, dtype=torch.float64)
-                    for hh in range(H):
-                        kh, vh = k[hh // (H // KV)], v[hh // (H // KV)]
-                        kk = kh / max(kh.norm().item(), 1e-12)
-                        kh = kh * (1 - ww[hh] + aa[hh])
-                        Sh = S[i][hh]
-                        Sh = (torch.diag(torch.exp(-torch.exp(ww[hh]))) @ Sh
-                              + torch.outer(kk * aa[hh], (-kk) @ Sh) + torch.outer(kh, vh))
-                        S[i][hh] = Sh
-                        y[hh] = Sh.T @ r[hh] / math.sqrt(N) + (r[hh] * kh * g(pre + "r_k")[hh]).sum() * vh
-                    att = (y * gate).reshape(-1) @ g(pre + "output.weight").T
-                x = x + att
-                m = rms(x, g(f"model.layers.{i}.post_attention_layernorm.weight"))
-                mp = f"model.layers.{i}.mlp."
-                x = x + (F.silu(m @ g(mp + "gate_proj.weight").T) * (m @ g(mp + "up_proj.weight").T)) \
-                    @ g(mp + "down_proj.weight").T
-            head = g("model.embed_tokens.weight") if cfg.tie_word_embeddings else g("lm_head.weight")
-            out[bi, t] = rms(x, g("model.norm.weight")) @ head.T
-    return out
+    return hrwkv7_loop.logits(cfg.to_dict(), sd, ids)
 
 
 # =================================================================================================
@@ -1439,6 +1372,19 @@ def test_bad_inputs_raise_clear_errors():
         model.float()(torch.tensor([[1], [2]]), state)
 
 
+def test_state_of_another_batch_size_is_refused_by_name_before_an_rwkv_layer_runs(monkeypatch):
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [3]})       # layers 0, 1, 2 are RWKV
+    model = tiny_model(cfg, dtype=torch.float32)
+    _, state = model(torch.tensor([[1, 2], [3, 4]]))
+    calls = []
+    monkeypatch.setattr(hrwkv7_ref, "wkv7", lambda *a, **k: calls.append(1))
+    for ids in (torch.tensor([[1]]), torch.tensor([[1], [2], [3]])):
+        with pytest.raises(ValueError, match=rf"state\.layers\[0\] \(RWKV\).*batch size 2.*input_ids has batch "
+                                             rf"size {ids.shape[0]}"):
+            model(ids, state)
+    assert calls == []                                        # refused before any kernel ran
+
+
 # =================================================================================================
 # 2.8  Loading: from_pretrained (float64, two files alone, device_map, bfloat16), the hub cache and
 # the chat command
@@ -1587,8 +1533,9 @@ def test_repo_id_from_the_hub_cache_and_the_chat_command(tmp_path):
     torch.save(want_logits, tmp_path / "want.pt")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     script = f"""
-import torch, convert, hrwkv7_ref
-from hrwkv7_ref import HRWKV7ForCausalLM, chat_prompt, resolve_checkpoint
+import torch, convert, hrwkv7_cli
+from hrwkv7_ref import HRWKV7ForCausalLM, resolve_checkpoint
+from hrwkv7_cli import chat_prompt
 assert chat_prompt(resolve_checkpoint("owner/tiny-hxa079"), "a b c") == {chat!r}
 m = HRWKV7ForCausalLM.from_pretrained("owner/tiny-hxa079")
 assert torch.equal(m(torch.tensor([{ids}]))[0], torch.load({str(tmp_path / "want.pt")!r}))
@@ -1599,8 +1546,8 @@ try:
 except FileNotFoundError as e:
     print("ERROR:", e)
 print("---", flush=True)
-hrwkv7_ref.main(["--model", "owner/tiny-hxa079", "--prompt", "a b c", "--chat", "--temperature", "0",
-                 "--max-new-tokens", "6"])   # what `python hrwkv7_ref.py --model ...` runs
+hrwkv7_cli.main(["--model", "owner/tiny-hxa079", "--prompt", "a b c", "--chat", "--temperature", "0",
+                 "--max-new-tokens", "6"])   # what `python hrwkv7_cli.py --model ...` runs
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -1707,8 +1654,368 @@ def test_state_bytes_formula_matches_a_real_state():
     assert state.nbytes() == {"rwkv_state": rwkv, "kv_cache": kv}
 
 
+def test_generate_without_a_seed_leaves_the_global_rng_alone():
+    model = tiny_model(TINY, dtype=torch.float32)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = model.generate(torch.tensor([[1, 2, 3]]), 8, temperature=1.0)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = model.generate(torch.tensor([[1, 2, 3]]), 8, temperature=1.0, seed=5)
+    assert torch.equal(b, model.generate(torch.tensor([[1, 2, 3]]), 8, temperature=1.0, seed=5))
+    assert torch.equal(torch.get_rng_state(), before) and a.shape == b.shape
+
+
+@pytest.mark.parametrize("std", [0.02, 0.5])
+def test_init_random_draws_the_projections_with_the_std_given(std):
+    model = HRWKV7ForCausalLM(HRWKV7Config.from_dict(TINY)).double().init_random(std=std)
+    plain = torch.cat([p.flatten() for name, p in model.named_parameters()
+                       if name.endswith(("proj.weight", "receptance.weight", "key.weight", "value.weight",
+                                         "output.weight", "embed_tokens.weight", "lm_head.weight"))])
+    assert plain.numel() > 50_000
+    assert abs(plain.std().item() / std - 1) < 0.02 and abs(plain.mean().item()) < 0.02 * std
+
+
+def test_reka_preset_has_the_released_layout():
+    cfg = HRWKV7Config.from_dict(REKA_FLASH_31)
+    assert cfg.transformer_layers == [8, 15, 22, 29, 36, 43] and not cfg.enable_qk_norm
+    assert cfg.layer_kinds == "".join("G" if i in (8, 15, 22, 29, 36, 43) else "R" for i in range(44))
+    run = subprocess.run([sys.executable, "hrwkv7_ref.py"], capture_output=True, text=True, cwd=HERE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "GQA at 8, 15, 22, 29, 36, 43" in run.stdout and "illustrative" not in run.stdout
+    run = subprocess.run([sys.executable, "hrwkv7_ref.py", "--model", "x"], capture_output=True, text=True, cwd=HERE)
+    assert run.returncode == 2 and "hrwkv7_cli.py" in run.stderr and not run.stdout   # the demo takes no arguments
+
+
 # =================================================================================================
-# 3  convert.py
+# 3  hrwkv7_loop.py and golden/: what a port is checked against
+# The per-token definition, the golden vectors made from it (golden/make_golden.py), their checker
+# (golden/check.py) and the known wrong variants (golden/variants.py). golden/ is not a package: a
+# porter runs its scripts as files, so its modules are imported from its folder.
+
+GOLDEN = os.path.join(HERE, "golden")
+sys.path.insert(0, GOLDEN)
+check, make_golden, variants = (importlib.import_module(name) for name in ("check", "make_golden", "variants"))
+CASES = sorted(make_golden.CASES)
+
+
+def golden(case):
+    return load_file(os.path.join(GOLDEN, case, "vectors.safetensors"))
+
+
+def model_state_tensors(state: HRWKV7State) -> dict:
+    """The model's state under the golden names (state.layers.{i}.S / .k_cache / .v_cache, state.pos)."""
+    return make_golden.state_tensors({"layers": state.layers, "pos": state.pos})
+
+
+def split_run_model(model, ids):
+    outs, state, lo = [], None, 0
+    with torch.no_grad():
+        for n in make_golden.SPLIT:
+            lg, state = model(ids[:, lo:lo + n], state)
+            outs.append(lg)
+            lo += n
+    return torch.cat(outs, 1), state
+
+
+def port_tensors_of_loop(loop, case) -> dict:
+    """What a port built like `loop` (a module with run) writes for a golden case, in float64."""
+    config, sd = make_golden.CASES[case][0], load_file(os.path.join(GOLDEN, case, "model.safetensors"))
+    ids = golden(case)["input_ids"]
+    full, _ = loop.run(config, sd, ids)
+    split, state = make_golden.split_run(loop.run, config, sd, ids)
+    return {"logits": full, "split_logits": split, **make_golden.state_tensors(state)}
+
+
+
+# =================================================================================================
+# 3.1  The definition: hrwkv7_loop.py imports torch only and equals the model
+
+
+def test_loop_imports_torch_and_the_standard_library_only():
+    tree = ast.parse(open(os.path.join(HERE, "hrwkv7_loop.py")).read())
+    top = [n for n in tree.body if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+    names = {alias.name.split(".")[0] for n in ast.walk(ast.Module(top, [])) if isinstance(n, ast.Import)
+             for alias in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(ast.Module(top, [])) if isinstance(n, ast.ImportFrom)}
+    assert names <= {"torch", "math"}, names
+
+
+@st.composite
+def drawn_configs(draw):
+    """config.json dicts: GQA anywhere (layer 0 too), q/k norm with biases, tied head, KV = 1,
+    head sizes 6 and 24 (not powers of two), head_dim absent, the RoPE base in rope_parameters."""
+    KV = draw(st.sampled_from([1, 2]))
+    H = KV * draw(st.sampled_from([1, 2]))
+    N = draw(st.sampled_from([4, 6, 24]))
+    L = draw(st.integers(1, 4))
+    gqa = draw(st.sampled_from([[], [0], list(range(L)), sorted(draw(st.sets(st.integers(0, L - 1))))]))
+    cfg = HRWKV7Config.from_dict(dict(
+        vocab_size=37, hidden_size=H * N if draw(st.booleans()) else 12, num_hidden_layers=L,
+        num_attention_heads=H, num_key_value_heads=KV, head_dim=N, intermediate_size=16, transformer_layers=gqa,
+        enable_qk_norm=draw(st.booleans()), attention_bias=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()), rope_theta=draw(st.sampled_from([10.0, 1e4, 8e6])),
+        lora_rank_decay=3, lora_rank_iclr=2, lora_rank_value_residual_mix=2, lora_rank_key_residual_mix=2,
+        lora_rank_gate=4))
+    d = cfg.to_dict()
+    if d["hidden_size"] == H * N and draw(st.booleans()):
+        del d["head_dim"]
+    if draw(st.booleans()):
+        del d["rope_theta"]                        # the base in rope_parameters alone
+    else:
+        del d["rope_parameters"]
+    return cfg, d
+
+
+@given(cfgs=drawn_configs(), T=st.integers(2, 8), seed=st.integers(0, 2 ** 16), data=st.data())
+@settings(max_examples=12, deadline=None)
+def test_loop_equals_model(cfgs, T, seed, data):
+    """hrwkv7_loop (the definition) == hrwkv7_ref in float64: a prefill, then a split with the state
+    carried (logits and the state after it, in HRWKV7State's layout)."""
+    cfg, config = cfgs
+    model = HRWKV7ForCausalLM(cfg).double().init_random(seed=seed).eval()
+    sd = model.state_dict()
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
+    cut = data.draw(st.integers(1, T - 1))
+    with torch.no_grad():
+        want, _ = model(ids)
+        _, st_a = model(ids[:, :cut])
+        want_b, st_b = model(ids[:, cut:], st_a)
+    assert rel_err(hrwkv7_loop.logits(config, sd, ids), want) < 1e-12
+    _, loop_a = hrwkv7_loop.run(config, sd, ids[:, :cut])
+    got_b, loop_b = hrwkv7_loop.run(config, sd, ids[:, cut:], loop_a)
+    assert rel_err(got_b, want_b) < 1e-12
+    assert loop_b["pos"] == st_b.pos == T
+    for i, (s, r) in enumerate(zip(loop_b["layers"], st_b.layers)):
+        assert isinstance(s, tuple) == isinstance(r, tuple) == cfg.is_gqa(i)
+        for x, y in zip(s if isinstance(s, tuple) else [s], r if isinstance(r, tuple) else [r]):
+            assert x.shape == y.shape and rel_err(x, y) < 1e-12
+
+
+def test_loop_never_changes_the_state_it_is_given():
+    config, sd = make_golden.CASES["gqa0_qknorm_bias"][0], load_file(
+        os.path.join(GOLDEN, "gqa0_qknorm_bias", "model.safetensors"))
+    ids = golden("gqa0_qknorm_bias")["input_ids"]
+    _, state = hrwkv7_loop.run(config, sd, ids[:, :3])
+    before = make_golden.state_tensors(state)
+    hrwkv7_loop.run(config, sd, ids[:, 3:5], state)
+    after = make_golden.state_tensors(state)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loop_refuses_what_it_does_not_compute():
+    config = make_golden.CASES["released_layout"][0]
+    with pytest.raises(ValueError, match="rope_type 'llama3'"):
+        hrwkv7_loop.logits({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 8e6}}, {},
+                           torch.zeros(1, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"integer tensor \[B, T\]"):
+        hrwkv7_loop.logits(config, {}, torch.zeros(1, 2))
+
+
+def test_loop_main_checks_itself(capsys):
+    runpy.run_path(os.path.join(HERE, "hrwkv7_loop.py"), run_name="__main__")
+    assert "hrwkv7_loop vs hrwkv7_ref" in capsys.readouterr().out
+
+
+# =================================================================================================
+# 3.2  The golden vectors
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_case_is_what_the_loop_and_the_model_compute(case):
+    """The stored logits, split logits and state == hrwkv7_loop and hrwkv7_ref (float64) to 1e-12, so
+    the vectors cannot drift from either; the directory loads with from_pretrained."""
+    vec = golden(case)
+    loop = port_tensors_of_loop(hrwkv7_loop, case)
+    assert set(loop) == {k for k in vec if "__" not in k} - {"input_ids", "split_lengths"}
+    for name, t in loop.items():
+        assert t.shape == vec[name].shape and t.dtype == vec[name].dtype, name
+        assert (torch.equal(t, vec[name]) if name == "state.pos" else rel_err(t, vec[name]) < 1e-12), name
+    model = HRWKV7ForCausalLM.from_pretrained(os.path.join(GOLDEN, case), dtype=torch.float64)
+    with torch.no_grad():
+        full, _ = model(vec["input_ids"])
+    split, state = split_run_model(model, vec["input_ids"])
+    assert rel_err(full, vec["logits"]) < 1e-12 and rel_err(split, vec["split_logits"]) < 1e-12
+    for name, t in model_state_tensors(state).items():
+        assert t.shape == vec[name].shape and rel_err(t, vec[name]) < 1e-12, name
+    assert vec["split_lengths"].tolist() == make_golden.SPLIT and vec["logits"].dtype == torch.float64
+    assert vec["input_ids"].dtype == torch.int64
+
+
+def test_golden_cases_cover_what_ports_get_wrong():
+    cfgs = {case: HRWKV7Config.from_json(os.path.join(GOLDEN, case, "config.json")) for case in CASES}
+    assert any(c.is_gqa(0) for c in cfgs.values())
+    assert any(c.enable_qk_norm and c.attention_bias for c in cfgs.values())
+    assert any(c.tie_word_embeddings for c in cfgs.values())
+    assert any(c.num_key_value_heads == 1 for c in cfgs.values())
+    assert any(c.head_size & (c.head_size - 1) for c in cfgs.values())        # not a power of two
+    shown = {k.split("__")[1] for case in CASES for k in golden(case) if "__" in k}
+    assert shown == set(variants.VARIANTS)                                      # every variant shows somewhere
+
+
+def test_make_golden_is_deterministic_and_writes_these_files(tmp_path):
+    """make_golden.py writes the same bytes twice, and what it writes is what is stored: the same
+    files and names, configs and weights and inputs exactly, computed numbers to 1e-12 (another BLAS
+    may round the last bit differently)."""
+    make_golden.main(["--out", str(tmp_path / "a")])
+    make_golden.main(["--out", str(tmp_path / "b"), "--only", "tied_kv1_n24", "wkv"])
+    for name in ("tied_kv1_n24/vectors.safetensors", "tied_kv1_n24/model.safetensors", "wkv.safetensors"):
+        with open(tmp_path / "a" / name, "rb") as a, open(tmp_path / "b" / name, "rb") as b:
+            assert a.read() == b.read(), name
+    stored = sorted(os.path.relpath(os.path.join(r, f), GOLDEN) for r, _, fs in os.walk(GOLDEN) for f in fs
+                    if f.endswith((".safetensors", ".json")))
+    written = sorted(os.path.relpath(os.path.join(r, f), tmp_path / "a") for r, _, fs in os.walk(tmp_path / "a")
+                     for f in fs)
+    assert stored == written
+    for name in stored:
+        mine, new = os.path.join(GOLDEN, name), str(tmp_path / "a" / name)
+        if name.endswith(".json"):
+            assert open(mine).read() == open(new).read(), name
+            continue
+        a, b = load_file(mine), load_file(new)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            computed = name.endswith("vectors.safetensors") and key not in ("input_ids", "split_lengths") or (
+                name == "wkv.safetensors" and key.split(".")[1].startswith(("y", "S_T")))
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, (name, key)
+            assert (rel_err(b[key], a[key]) < 1e-12 if computed else torch.equal(a[key], b[key])), (name, key)
+
+
+@pytest.mark.parametrize("form", ["naive", "chunked"])
+def test_wkv_vectors_match_the_kernels(form):
+    g = load_file(os.path.join(GOLDEN, "wkv.safetensors"))
+    cases = sorted({k.split(".")[0] for k in g})
+    assert any(g[c + ".w"].min() == -30 for c in cases)
+    assert any(g[c + ".r"].shape[1] % 16 and g[c + ".r"].shape[1] > 64 for c in cases)
+    for c in cases:
+        y, S = wkv_kernel.IMPLS[form](*(g[f"{c}.{n}"] for n in ("r", "w", "k", "v", "a", "b")), g[c + ".S_0"])
+        assert rel_err(y, g[c + ".y"]) < 1e-12 and rel_err(S, g[c + ".S_T"]) < 1e-12
+    assert all(ok for ok, _ in check.check_wkv(wkv_kernel.IMPLS[form], "float64"))
+
+
+# =================================================================================================
+# 3.3  Known wrong variants, caught by name
+
+
+def test_each_variant_is_one_small_change_that_fits_the_loop():
+    src = open(os.path.join(HERE, "hrwkv7_loop.py")).read()
+    for slug in variants.VARIANTS:
+        changed = variants.source(slug)
+        assert changed != src and len(variants.VARIANTS[slug][3]) <= 4
+    variants.VARIANTS["_probe"] = ("probe", "", "", [("no such line", "x")])
+    try:
+        with pytest.raises(ValueError, match="occurs 0 times"):
+            variants.source("_probe")
+    finally:
+        del variants.VARIANTS["_probe"]
+
+
+@pytest.mark.parametrize("slug", sorted(variants.VARIANTS))
+def test_variant_planted_in_the_loop_fails_by_name(slug):
+    """The loop with the variant planted fails the float32 check on every case where the variant
+    shows, and the checker names the mistake."""
+    mod, name = variants.load(slug), variants.VARIANTS[slug][0]
+    hit = 0
+    for case in CASES:
+        if not any(k.endswith("__" + slug) for k in golden(case)):
+            continue
+        results = check.check_model(os.path.join(GOLDEN, case), port_tensors_of_loop(mod, case), "float32")
+        failed = [line for ok, line in results if not ok]
+        named = [line for line in failed if "matches known wrong variant" in line]
+        assert named and all(f"matches known wrong variant: {name}" in line for line in named), failed
+        hit += 1
+    assert hit
+
+
+@pytest.mark.parametrize("slug", variants.WKV_VARIANTS)
+def test_wkv_variant_fails_the_wkv_vectors_by_name(slug):
+    results = check.check_wkv(variants.load(slug).wkv7, "float32")
+    failed = [line for ok, line in results if not ok]
+    assert failed and all(f"matches known wrong variant: {variants.VARIANTS[slug][0]}" in line for line in failed)
+
+
+def transposed_state_kernel(r, w, k, v, a, b, state=None, impl="auto"):
+    """A kernel that keeps its state as [V, K]: it reads the state it is given, and writes its
+    final state, transposed."""
+    y, S = wkv_kernel.wkv7(r, w, k, v, a, b, None if state is None else state.transpose(-1, -2).contiguous(),
+                           impl=impl)
+    return y, S.transpose(-1, -2).contiguous()
+
+
+def decay_after_write_kernel(r, w, k, v, a, b, state=None, impl="auto"):
+    return variants.load("decay_after_write").wkv7(r, w, k, v, a, b, state)
+
+
+@pytest.mark.parametrize("slug,wrong_kernel", [("state_transposed", transposed_state_kernel),
+                                               ("decay_after_write", decay_after_write_kernel)])
+def test_variant_planted_in_the_model_fails_by_name(monkeypatch, slug, wrong_kernel):
+    """hrwkv7_ref with its WKV kernel replaced by a wrong one fails the golden check by name."""
+    monkeypatch.setattr(hrwkv7_ref, "wkv7", wrong_kernel)
+    case = "released_layout"
+    model = HRWKV7ForCausalLM.from_pretrained(os.path.join(GOLDEN, case), dtype=torch.float64)
+    with torch.no_grad():
+        full, _ = model(golden(case)["input_ids"])
+    split, state = split_run_model(model, golden(case)["input_ids"])
+    port = {"logits": full, "split_logits": split, **model_state_tensors(state)}
+    failed = [line for ok, line in check.check_model(os.path.join(GOLDEN, case), port, "float32") if not ok]
+    named = [line for line in failed if "matches known wrong variant" in line]
+    assert named and all(f"matches known wrong variant: {variants.VARIANTS[slug][0]}" in line for line in named)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_model_in_float32_and_bfloat16_passes(dtype):
+    """This project's model passes in the dtype it computes in (the tolerances are not too tight),
+    and its float32 numbers fail the float64 bar (they are not too loose to notice anything)."""
+    for case in CASES:
+        model = HRWKV7ForCausalLM.from_pretrained(os.path.join(GOLDEN, case), dtype=getattr(torch, dtype))
+        ids = golden(case)["input_ids"]
+        with torch.no_grad():
+            full, _ = model(ids)
+        split, state = split_run_model(model, ids)
+        port = {"logits": full.float(), "split_logits": split.float(), **model_state_tensors(state)}
+        results = check.check_model(os.path.join(GOLDEN, case), port, dtype)
+        assert all(ok for ok, _ in results), results
+        if dtype == "float32":
+            assert not all(ok for ok, _ in check.check_model(os.path.join(GOLDEN, case), port, "float64"))
+    assert all(ok for ok, _ in check.check_wkv(wkv_kernel.wkv7_chunked, dtype))
+
+
+# =================================================================================================
+# 3.4  The checker's command line
+
+
+def run_check(*args):
+    return subprocess.run([sys.executable, os.path.join(GOLDEN, "check.py"), *args], cwd=HERE,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+def test_checker_command_line(tmp_path, capsys):
+    assert check.main(["wkv", "wkv_kernel:wkv7_naive"]) == 0 and "6 passed, 0 failed" in capsys.readouterr().out
+    case = os.path.join(GOLDEN, "gqa0_qknorm_bias")
+    save_file(port_tensors_of_loop(variants.load("groupnorm"), "gqa0_qknorm_bias"), str(tmp_path / "port.safetensors"))
+    out = run_check("model", case, str(tmp_path / "port.safetensors"))
+    assert out.returncode == 1 and "matches known wrong variant: GroupNorm kept" in out.stdout
+    save_file({"split_logits": golden("gqa0_qknorm_bias")["logits"]}, str(tmp_path / "nologits.safetensors"))
+    save_file({"logits": golden("gqa0_qknorm_bias")["logits"]}, str(tmp_path / "good.safetensors"))
+    assert check.main(["model", case, str(tmp_path / "good.safetensors")]) == 0
+    for argv, says in ([["wkv", "nosuchmodule:f"], "cannot load 'nosuchmodule:f'"],
+                       [["wkv", "wkv_kernel"], "expected MODULE:FUNCTION"],
+                       [["model", str(tmp_path), str(tmp_path / "good.safetensors")], "no vectors.safetensors"],
+                       [["model", case, str(tmp_path / "missing.safetensors")], "missing.safetensors: cannot read"],
+                       [["model", case, str(tmp_path / "nologits.safetensors")], "no tensor 'logits'"],
+                       [["model", case], "required"],
+                       [["wkv", "wkv_kernel:wkv7_naive", "--dtype", "int8"], "invalid choice"]):
+        capsys.readouterr()
+        try:
+            rc = check.main(argv)
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and err.count("\n") == 1 and err.startswith("error: "), (argv, err)
+
+
+# =================================================================================================
+# 4  convert.py
 # Exact round trips (.pth -> HF -> load, sharded, cast), bad checkpoints and outputs refused with an
 # error that names them, teacher initialisation. Synthetic tiny checkpoints only.
 
@@ -1757,7 +2064,7 @@ def _logits_of(model, cfg, seed=1):
 
 
 # =================================================================================================
-# 3.1  Round trips
+# 4.1  Round trips
 
 
 @_FILE_SETTINGS
@@ -1902,7 +2209,7 @@ def test_cli_converts_pth_with_set_dtype_shards_and_force(tmp_path, capsys):
 
 
 # =================================================================================================
-# 3.2  Bad checkpoints and outputs: every one refused with an error that names it
+# 4.2  Bad checkpoints and outputs: every one refused with an error that names it
 
 
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "ABS", "sub/outside.safetensors", "..", "link"])
@@ -2069,7 +2376,7 @@ def test_failure_while_writing_leaves_nothing_half_written(tmp_path):
 
 
 # =================================================================================================
-# 3.3  Initialisation from a teacher (written with safetensors: no transformers needed)
+# 4.3  Initialisation from a teacher (written with safetensors: no transformers needed)
 
 
 # convert's own teachers, 4 layers, written with safetensors (make_teacher(..., writer="safetensors")) in the
@@ -2180,7 +2487,172 @@ def test_teacher_problems_and_cli(tmp_path, capsys):
 
 
 # =================================================================================================
-# 4  transformers as an external reference (the teachers: make_teacher, section 0)
+# 5  hrwkv7_cli.py: the command line (stop strings that span several tokens; one error convention,
+# shared with convert.py: a bad path, repo id, dtype or device is one `error:` line and exit status 2)
+
+
+def cli_checkpoint(path, config=TINY, seed=0):
+    """A tiny random float32 model saved as an HF directory by convert.py; (path, model)."""
+    model = tiny_model(config, seed, dtype=torch.float32)
+    convert.save_checkpoint(path, model.config, model.state_dict())
+    return path, model
+
+
+PROMPT_IDS = [5, 6, 7]
+STOP_PIECES = ["<", "se", "p>"]          # "<sep>" in three tokens, as a cl100k_base-style tokenizer may split it
+
+
+@pytest.fixture(scope="module")
+def sep_checkpoint(tmp_path_factory):
+    """A checkpoint whose greedy continuation of PROMPT_IDS, decoded with its tokenizer.json, holds
+    "<sep>" spread over three tokens. The model is random; the tokenizer is built afterwards around
+    what it generates: three consecutive generated ids (first seen there) get the pieces "<", "se",
+    "p>", every other id the piece "w{id}." (no piece is found inside a concatenation of others but
+    at its own place); the decoder joins pieces without spaces (decoders.Fuse).
+    Returns (path, generated ids, j) with generated[j:j + 3] the stop string's tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    path, model = cli_checkpoint(tmp_path_factory.mktemp("sep") / "ckpt", seed=11)
+    gen = model.generate(torch.tensor([PROMPT_IDS]), 16, temperature=0)[0, len(PROMPT_IDS):].tolist()
+    j = next(j for j in range(2, len(gen) - 2) if len(set(gen[j:j + 3])) == 3
+             and not set(gen[j:j + 3]) & set(gen[:j] + PROMPT_IDS))
+    pieces = {i: f"w{i}." for i in range(TINY["vocab_size"])}
+    pieces.update(zip(gen[j:j + 3], STOP_PIECES))
+    tok = Tokenizer(models.WordLevel({p: i for i, p in pieces.items()}, unk_token=pieces[PROMPT_IDS[0]]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Fuse()
+    tok.save(str(path / "tokenizer.json"))
+    assert tok.decode(gen[j:j + 3]) == "<sep>" and "<" not in tok.decode(gen[:j])
+    return path, gen, j, tok
+
+
+def run_cli(capsys, path, *extra):
+    ids = hrwkv7_cli.main(["--model", str(path), "--prompt", "w5. w6. w7.", "--temperature", "0",
+                           "--max-new-tokens", "16", "--device", "cpu", *extra])
+    out, err = capsys.readouterr()
+    return ids, out, err
+
+
+def test_stop_string_over_several_tokens_ends_generation_and_is_not_printed(sep_checkpoint, capsys):
+    path, gen, j, tok = sep_checkpoint
+    ids, out, err = run_cli(capsys, path, "--stop", "<sep>")
+    assert out == tok.decode(gen[:j]) + "\n"                 # nothing of "<sep>" was written, not even "<"
+    assert ids == PROMPT_IDS + gen[:j + 3]                   # generation ended with the token completing it
+    assert f"decode {j + 2} tokens" in err
+    ids, out, _ = run_cli(capsys, path)                     # without --stop: "<sep>" is printed, 16 tokens
+    assert "<sep>" in out and len(ids) == len(PROMPT_IDS) + 16
+
+
+def test_stop_is_repeatable_and_generation_config_stop_strings_count(sep_checkpoint, capsys, tmp_path):
+    path, gen, j, tok = sep_checkpoint
+    early = tok.decode(gen[1:2])                             # a one-token stop string before "<sep>"
+    ids, out, _ = run_cli(capsys, path, "--stop", "<sep>", "--stop", early)
+    assert out == tok.decode(gen[:1]) + "\n" and ids == PROMPT_IDS + gen[:2]
+    ids, out, _ = run_cli(capsys, path, "--stop", "never there", "--stop", "<sep>")
+    assert out == tok.decode(gen[:j]) + "\n" and ids == PROMPT_IDS + gen[:j + 3]
+    # the same checkpoint with generation_config.json's stop_strings (a list, or one string), no --stop
+    copy = tmp_path / "ckpt"
+    copy.mkdir()
+    for name in os.listdir(path):
+        (copy / name).write_bytes((path / name).read_bytes())
+    for stops in (["never there", "<sep>"], "<sep>"):
+        (copy / "generation_config.json").write_text(json.dumps({"stop_strings": stops}))
+        ids, out, _ = run_cli(capsys, copy)
+        assert out == tok.decode(gen[:j]) + "\n" and ids == PROMPT_IDS + gen[:j + 3]
+    assert hrwkv7_cli.stop_strings(copy) == ["<sep>"]
+    # EOS ids still stop, and the EOS token is not printed
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": gen[2], "stop_strings": ["<sep>"]}))
+    ids, out, _ = run_cli(capsys, copy)
+    assert out == tok.decode(gen[:2]) + "\n" and ids == PROMPT_IDS + gen[:3]
+
+
+def test_text_stream_holds_back_only_what_may_still_become_a_stop_string(sep_checkpoint):
+    _, gen, j, tok = sep_checkpoint
+    lt, se, p = gen[j:j + 3]
+    other = next(i for i in range(TINY["vocab_size"]) if i not in (lt, se, p))
+    writes = []
+    stream = hrwkv7_cli.TextStream(tok, ["<sep>"], write=writes.append)
+    assert not stream.add(other) and writes == [f"w{other}."]
+    assert not stream.add(lt) and not stream.add(se) and writes == [f"w{other}."]   # "<se" held back
+    assert not stream.add(other) and writes == [f"w{other}.", f"<sew{other}."]      # no longer a stop: written
+    assert not stream.add(lt) and not stream.add(se) and stream.add(p)              # "<sep>" completed
+    assert "".join(writes) == f"w{other}.<sew{other}." and stream.stopped
+    stream = hrwkv7_cli.TextStream(tok, ["<sep>"], write=writes.append)
+    writes.clear()
+    stream.add(lt)
+    stream.finish()                                          # the end: what was held back is written
+    assert writes == ["<"]
+
+
+def test_text_stream_holds_back_a_character_whose_bytes_are_incomplete():
+    # a byte-level tokenizer (one token per byte): "é" is two tokens, and the first decodes to U+FFFD
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    ids = tok.encode("aé<sep>b").ids
+    assert len(ids) == 9 and tok.decode(ids[:2]) == "a\ufffd"
+    writes = []
+    stream = hrwkv7_cli.TextStream(tok, ["<sep>"], write=writes.append)
+    assert [stream.add(i) for i in ids[:8]] == [False] * 7 + [True]
+    assert writes == ["a", "é"]                               # never the replacement character, nothing of "<sep>"
+
+
+# -----------------------------------------------------------------------------
+# One error convention for both commands: one line on stderr, exit status 2, --debug for the traceback
+
+
+def one_error_line(err, *names):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+def test_bad_path_dtype_device_one_line_exit_2_in_both_commands(tmp_path, capsys):
+    path, _ = cli_checkpoint(tmp_path / "ckpt")
+    nope = str(tmp_path / "nope")
+    for argv, names in [(["--model", nope], [nope]),
+                        (["--model", str(path), "--dtype", "float8"], ["--dtype", "float8"]),
+                        (["--model", str(path), "--device", "cuda:7"], ["--device", "cuda:7"]),
+                        (["--model", str(path), "--device", "gpu0"], ["--device", "gpu0"]),
+                        (["--model", str(path), "--top-p", "0"], ["--top-p"]),
+                        (["--prompt", "hi"], ["--model"])]:
+        with pytest.raises(SystemExit) as exit_:
+            hrwkv7_cli.main(argv)
+        assert exit_.value.code == 2, argv
+        one_error_line(capsys.readouterr().err, *names)
+    for argv, names in [([nope, str(tmp_path / "out")], [nope]),
+                        ([str(path), str(tmp_path / "out"), "--dtype", "int8"], ["--dtype", "int8"]),
+                        ([str(path), str(tmp_path / "out"), "--set", "rms_norm_eps"], ["--set", "rms_norm_eps"]),
+                        ([str(path), str(path)], [str(path), "--force"])]:
+        with pytest.raises(SystemExit) as exit_:
+            convert.cli(argv)
+        assert exit_.value.code == 2, argv
+        one_error_line(capsys.readouterr().err, *names)
+    with pytest.raises(FileNotFoundError, match="nope"):                    # --debug: the exception itself
+        hrwkv7_cli.main(["--model", nope, "--debug"])
+    with pytest.raises(ValueError, match="cuda:7"):
+        hrwkv7_cli.main(["--model", str(path), "--device", "cuda:7", "--debug"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        convert.cli([nope, str(tmp_path / "out"), "--debug"])
+
+
+def test_bad_repo_id_offline_one_line_exit_2_no_traceback(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    (tmp_path / "hub").mkdir()
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for command in ([sys.executable, "hrwkv7_cli.py", "--model", "owner/not-there"],
+                    [sys.executable, "convert.py", "owner/not-there", str(tmp_path / "out")]):
+        run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE)
+        assert run.returncode == 2, run.stderr
+        one_error_line(run.stderr, "owner/not-there", "HF_HUB_OFFLINE='1'")
+        run = subprocess.run(command + ["--debug"], capture_output=True, text=True, env=env, cwd=HERE)
+        assert run.returncode == 1 and "Traceback" in run.stderr and "owner/not-there" in run.stderr
+
+
+# =================================================================================================
+# 6  transformers as an external reference (the teachers: make_teacher, section 0)
 #
 # The teachers here are built and written by transformers itself (`save_pretrained`, float64
 # weights, config.json as transformers >= 5 writes it: `rope_parameters`, no top-level
@@ -2259,7 +2731,7 @@ def token_ids(B, T, vocab, seed):
 
 
 # =================================================================================================
-# 4.1  NoPE equivalence: an all-GQA student against transformers with position_ids = 0
+# 6.1  NoPE equivalence: an all-GQA student against transformers with position_ids = 0
 # (worst seen over 8 draws per kind with transformers 5.24: 1.3e-7 .. 2.2e-7; 1e-15 when transformers'
 # RMSNorm is made to compute in float64, so the float32 RMSNorm is the whole floor)
 
@@ -2304,7 +2776,7 @@ def test_transformers_nope_teacher_equals_all_gqa_student(kind, n_layers, B, T, 
 
 
 # =================================================================================================
-# 4.2  A hybrid student: finite logits, token-by-token decoding equals the parallel forward
+# 6.2  A hybrid student: finite logits, token-by-token decoding equals the parallel forward
 
 
 @needs_transformers
@@ -2332,7 +2804,7 @@ def test_transformers_hybrid_student_decodes_like_its_parallel_forward(data, kin
 
 
 # =================================================================================================
-# 4.3  RoPE against transformers' rotary embedding
+# 6.3  RoPE against transformers' rotary embedding
 
 
 @needs_transformers
@@ -2363,7 +2835,7 @@ def test_transformers_rope_matches_transformers(N, theta, positions, heads, seed
 
 
 # =================================================================================================
-# 4.4  Config handling with transformers-written files
+# 6.4  Config handling with transformers-written files
 
 
 @needs_transformers
@@ -2478,7 +2950,7 @@ def test_transformers_sliding_window_teacher_converts_with_a_warning(tmp_path, a
 
 
 # =================================================================================================
-# 5  The installed package (pyproject.toml): `pip install .` gives the three modules and the
+# 7  The installed package (pyproject.toml): `pip install .` gives the four modules and the
 # two commands
 #
 # A wheel is built from a copy of the checkout, installed into a fresh venv that sees the
@@ -2488,7 +2960,7 @@ def test_transformers_sliding_window_teacher_converts_with_a_warning(tmp_path, a
 
 
 PKG_REPO = os.path.dirname(os.path.abspath(__file__))
-PKG_MODULES = {"hrwkv7_ref", "wkv_kernel", "convert"}
+PKG_MODULES = {"hrwkv7_ref", "wkv_kernel", "hrwkv7_cli", "convert"}
 PKG_COMMANDS = {"hrwkv7", "hrwkv7-convert"}
 PKG_CORE_DEPS = {"torch", "numpy", "einops", "safetensors", "tqdm", "tokenizers", "triton"}
 
@@ -2564,7 +3036,7 @@ def test_wheel_holds_the_three_modules_and_declares_the_commands(built_wheel):
     assert core == PKG_CORE_DEPS
     assert {line.split(":", 1)[1].strip() for line in meta if line.startswith("Provides-Extra:")} == {
         "hub", "notebooks", "dev"}
-    assert {"hrwkv7 = hrwkv7_ref:main", "hrwkv7-convert = convert:cli"} <= entry_points
+    assert {"hrwkv7 = hrwkv7_cli:main", "hrwkv7-convert = convert:cli"} <= entry_points
 
 
 def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_checkout(built_wheel, tmp_path):
@@ -2581,8 +3053,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_checkout(built_wh
               "--no-cache-dir", built_wheel], cwd=tmp_path)
 
     # Three interpreters that import torch: started together, they overlap their start-up.
-    importing = _start([py, "-c", "import hrwkv7_ref, wkv_kernel, convert\n"
-                                      "for m in (hrwkv7_ref, wkv_kernel, convert): print(m.__file__)"], cwd=tmp_path)
+    importing = _start([py, "-c", "import hrwkv7_ref, wkv_kernel, hrwkv7_cli, convert\n"
+                                      "for m in (hrwkv7_ref, wkv_kernel, hrwkv7_cli, convert): print(m.__file__)"], cwd=tmp_path)
     helping = {command: _start([os.path.join(scripts, command), "--help"], cwd=tmp_path)
                for command in sorted(PKG_COMMANDS)}
     paths = _finish(importing).splitlines()
