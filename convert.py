@@ -514,7 +514,10 @@ def default_lora_ranks(A: int) -> dict:
         iclr   max(32,  32 * round(1.8  * A**0.5 / 32))
         value / key residual mix   max(32, 32 * round(1.3 * A**0.5 / 32))
         gate   max(256, 32 * round(0.35 * A**0.8 / 32))
-    (Python's round: halves go to the even integer.) A = 6144: 320, 128, 96, 96, 384."""
+    (Python's round: halves go to the even integer.) A = 6144: 320, 128, 96, 96, 384.
+    These are the formulas at RWKVInside commit d03af49. At ae22207, the commit of the released
+    model's training configs, the decay and gate floors are 32, not 256: the same ranks for
+    A >= 4096 (A = 6144 included), larger decay and gate ranks here below that."""
     r = lambda lo, m, p: max(lo, int(round(m * A ** p / 32)) * 32)  # noqa: E731
     d = r(256, 1.7, 0.6), r(32, 1.8, 0.5), r(32, 1.3, 0.5), r(32, 1.3, 0.5), r(256, 0.35, 0.8)
     return dict(zip(_RANKS.values(), d))
