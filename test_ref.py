@@ -3024,7 +3024,7 @@ def built_wheel(tmp_path_factory):
     return whl
 
 
-def test_wheel_holds_the_three_modules_and_declares_the_commands(built_wheel):
+def test_wheel_holds_the_four_modules_and_declares_the_commands(built_wheel):
     with zipfile.ZipFile(built_wheel) as z:
         names = z.namelist()
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
