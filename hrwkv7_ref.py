@@ -719,13 +719,6 @@ def open_safetensors(ckpt_dir):
         yield out
 
 
-def safetensors_files(ckpt_dir) -> dict:
-    """{tensor name: (file path, shape)} of an HF checkpoint directory, from the file headers alone
-    (checked as open_safetensors says)."""
-    with open_safetensors(ckpt_dir) as tensors:
-        return {name: (file, shape) for name, (file, shape, _) in tensors.items()}
-
-
 def check_state_dict(model: nn.Module, shapes: dict, where: str = "checkpoint"):
     """Raise a ValueError naming every missing, unexpected or wrong-shaped tensor.
     shapes: {name: shape} of what is to be loaded into model."""
