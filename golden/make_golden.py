@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import hrwkv7_loop  # noqa: E402
 import variants  # noqa: E402
+from check import rel  # noqa: E402  (max |x - ref| / max |ref|, the checker's own measure)
 
 LORA = dict(lora_rank_decay=4, lora_rank_iclr=4, lora_rank_value_residual_mix=2, lora_rank_key_residual_mix=2,
             lora_rank_gate=8)
@@ -125,11 +126,6 @@ def state_tensors(state) -> dict:
         else:
             out[f"state.layers.{i}.S"] = s
     return out
-
-
-def rel(x, ref):
-    """max |x - ref| / max |ref|"""
-    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
 SHOWS = 1e-3   # a variant's tensor is stored when it differs from the right one by more than this (rel)
