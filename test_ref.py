@@ -1278,15 +1278,17 @@ def test_model_4096_whole_equals_split_equals_token_by_token(monkeypatch):
 
 @st.composite
 def tiny_configs(draw):
+    """Tiny HRWKV7Configs: GQA nowhere, everywhere, at layer 0 or anywhere; q/k norms, biases, tied
+    heads, one KV head, head sizes 6 and 24 (not powers of two), hidden size H * N or not."""
     KV = draw(st.sampled_from([1, 2]))
     H = KV * draw(st.sampled_from([1, 2]))
-    N = draw(st.sampled_from([4, 6, 8]))          # 6: not a power of two
+    N = draw(st.sampled_from([4, 6, 8, 24]))      # 6, 24: not powers of two
     L = draw(st.integers(1, 4))
     layers = draw(st.sampled_from(["none", "all", "some", "first"]))
     gqa = {"none": [], "all": list(range(L)), "first": [0],
            "some": draw(st.lists(st.integers(0, L - 1), unique=True, max_size=L))}[layers]
     return HRWKV7Config.from_dict(dict(
-        vocab_size=37, hidden_size=draw(st.sampled_from([8, 12])), num_hidden_layers=L, num_attention_heads=H,
+        vocab_size=37, hidden_size=draw(st.sampled_from([8, 12, H * N])), num_hidden_layers=L, num_attention_heads=H,
         num_key_value_heads=KV, head_dim=N, intermediate_size=16, transformer_layers=gqa,
         enable_qk_norm=draw(st.booleans()), attention_bias=draw(st.booleans()),
         tie_word_embeddings=draw(st.booleans()), rope_theta=draw(st.sampled_from([10.0, 1e4, 8e6])),
@@ -1709,13 +1711,9 @@ def model_state_tensors(state: HRWKV7State) -> dict:
 
 
 def split_run_model(model, ids):
-    outs, state, lo = [], None, 0
+    """make_golden.split_run (the pieces of SPLIT, the state carried) with the model in the loop's place."""
     with torch.no_grad():
-        for n in make_golden.SPLIT:
-            lg, state = model(ids[:, lo:lo + n], state)
-            outs.append(lg)
-            lo += n
-    return torch.cat(outs, 1), state
+        return make_golden.split_run(lambda _config, _sd, piece, state: model(piece, state), None, None, ids)
 
 
 def port_tensors_of_loop(loop, case) -> dict:
@@ -1743,20 +1741,10 @@ def test_loop_imports_torch_and_the_standard_library_only():
 
 @st.composite
 def drawn_configs(draw):
-    """config.json dicts: GQA anywhere (layer 0 too), q/k norm with biases, tied head, KV = 1,
-    head sizes 6 and 24 (not powers of two), head_dim absent, the RoPE base in rope_parameters."""
-    KV = draw(st.sampled_from([1, 2]))
-    H = KV * draw(st.sampled_from([1, 2]))
-    N = draw(st.sampled_from([4, 6, 24]))
-    L = draw(st.integers(1, 4))
-    gqa = draw(st.sampled_from([[], [0], list(range(L)), sorted(draw(st.sets(st.integers(0, L - 1))))]))
-    cfg = HRWKV7Config.from_dict(dict(
-        vocab_size=37, hidden_size=H * N if draw(st.booleans()) else 12, num_hidden_layers=L,
-        num_attention_heads=H, num_key_value_heads=KV, head_dim=N, intermediate_size=16, transformer_layers=gqa,
-        enable_qk_norm=draw(st.booleans()), attention_bias=draw(st.booleans()),
-        tie_word_embeddings=draw(st.booleans()), rope_theta=draw(st.sampled_from([10.0, 1e4, 8e6])),
-        lora_rank_decay=3, lora_rank_iclr=2, lora_rank_value_residual_mix=2, lora_rank_key_residual_mix=2,
-        lora_rank_gate=4))
+    """(tiny_configs' config, its config.json dict written the ways files write it: head_dim absent
+    when hidden_size = H * N, the RoPE base in rope_parameters alone or as rope_theta alone)."""
+    cfg = draw(tiny_configs())
+    H, N = cfg.num_attention_heads, cfg.head_size
     d = cfg.to_dict()
     if d["hidden_size"] == H * N and draw(st.booleans()):
         del d["head_dim"]
