@@ -28,7 +28,7 @@ import time
 import torch
 
 import hrwkv7_ref
-from hrwkv7_ref import TINY, HRWKV7Config, HRWKV7ForCausalLM
+from hrwkv7_ref import TINY, HRWKV7Config, random_model
 
 
 def peak_rss_mib() -> float:
@@ -58,11 +58,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def tiny_model(dtype=torch.float32, seed: int = 0):
-    cfg = HRWKV7Config.from_dict(TINY)
-    return HRWKV7ForCausalLM(cfg).to(dtype).init_random(seed=seed).eval()
 
 
 def random_ids(vocab_size: int, T: int, seed: int = 1):
@@ -100,7 +95,7 @@ def one(T: int, decode_steps: int, repeats: int = 3) -> dict:
     """Prefill T random tokens `repeats` times (the shortest time counts: the least disturbed by other
     load), then decode; what the table prints for T (run in a fresh process)."""
     torch.manual_seed(0)
-    model = tiny_model()
+    model = random_model(TINY, dtype=torch.float32)
     ids = random_ids(model.config.vocab_size, T)
     model(ids[:, :64])                                                  # warm-up: kernels, allocator
     reset_peak_rss()
@@ -158,15 +153,15 @@ def check_32k(decode_steps: int = 2000, split: int = 4) -> bool:
     relative 1e-5), then `decode_steps` decode steps with finite logits, and the decode step time
     at 32k of cache against that at 1k (bound: 2x; steps interleaved, medians)."""
     T = 32768
-    model = tiny_model()
+    model = random_model(TINY, dtype=torch.float32)
     ids = random_ids(model.config.vocab_size, T)
     t0 = time.perf_counter()
     whole, state = model(ids)
     print(f"prefill {T}: {time.perf_counter() - t0:.1f} s, peak RSS of the process so far {peak_rss_mib():.0f} MiB")
-    rwkv, kv = hrwkv7_ref.state_bytes(model.config, T, kv_bytes=4)
+    rwkv, kv = hrwkv7_ref.state_bytes(model.config, T, dtype=torch.float32)
     got = state.nbytes()
     print(f"state at {T}: RWKV {got['rwkv_state']} + KV cache {got['kv_cache']} bytes; "
-          f"state_bytes(TINY, {T}, kv_bytes=4) = {rwkv} + {kv}")
+          f"state_bytes(TINY, {T}, dtype=torch.float32) = {rwkv} + {kv}")
     pieces, st = [], None
     for part in ids.chunk(split, dim=1):
         lg, st = model(part, st)

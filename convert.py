@@ -12,7 +12,7 @@ Load, check and write hxa079 checkpoints, one tensor at a time.
 this file adds the other formats, config inference from the tensor shapes, writing, initialisation
 from a teacher, and a diagnosis of bad checkpoints that names what is wrong. It builds on
 hrwkv7_ref.py (one way: the model file never imports this one). Its command line follows
-hrwkv7_cli.run_command's convention: bad input is one line `error: ...` on stderr and exit status 2
+command_line.py's convention: bad input is one line `error: ...` on stderr and exit status 2
 (`--debug` shows the traceback).
 
 Laziness (how a 40 GB checkpoint converts in bounded memory). `load_checkpoint` reads only the
@@ -48,9 +48,8 @@ from typing import Callable, Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from hrwkv7_cli import ArgumentParser, UsageError, run_command
+from command_line import ArgumentParser, UsageError, run_command
 from hrwkv7_ref import (HXA079_BIASES, HXA079_LORA, HRWKV7Config, HRWKV7ForCausalLM, check_state_dict,
                         fold_rope_keys, open_safetensors, override_config, read_json, resolve_checkpoint)
 
@@ -109,9 +108,6 @@ class LazyStateDict(Mapping):
     def refs(self) -> dict:
         return dict(self._refs)
 
-    def load(self, key, dtype=None, device=None) -> torch.Tensor:
-        return self._refs[key].load(dtype, device)
-
 
 def _refs_of(state_dict) -> dict:
     if isinstance(state_dict, LazyStateDict):
@@ -123,7 +119,7 @@ def _refs_of(state_dict) -> dict:
 # Reading safetensors and .pth files
 
 
-def _open_safetensors(path):
+def open_safetensors_file(path):
     try:
         return safe_open(path, framework="pt")
     except Exception as e:   # SafetensorError: truncated, corrupt header, not a safetensors file
@@ -131,7 +127,7 @@ def _open_safetensors(path):
 
 
 def _read_safetensors_tensor(path, key):
-    with _open_safetensors(path) as f:
+    with open_safetensors_file(path) as f:
         try:
             return f.get_tensor(key)
         except Exception as e:
@@ -150,7 +146,7 @@ def _safetensors_refs(path) -> dict:
     """{name: TensorRef} from one safetensors file, reading only its header."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with _open_safetensors(path) as f:
+    with open_safetensors_file(path) as f:
         return {key: _safetensors_ref(f, path, key) for key in f.keys()}
 
 
@@ -168,7 +164,7 @@ _PTH_DROPPED = ("layer_architecture", "head_size_record")   # training bookkeepi
 
 
 def _pth_to_hf(key, gqa_layers) -> str:
-    """An RWKV-style .pth name -> the HF name (HXA079.md); names it does not know pass unchanged."""
+    """An RWKV-style .pth name -> the HF name (SPEC.md §8); names it does not know pass unchanged."""
     m = re.fullmatch(r"blocks\.(\d+)\.([^.]+)\.([^.]+)(.*)", key)
     if m is None:
         for old, new in _PTH_TOP.items():
@@ -464,6 +460,7 @@ def save_checkpoint(out_dir, config, state_dict, max_shard_bytes=None, dtype=Non
             config_json.update({key: name for key in ("torch_dtype",) if key in config_json}, dtype=name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
+        from tqdm import tqdm
         bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=os.path.basename(out_dir),
                    disable=not progress)
         with bar:
@@ -710,8 +707,7 @@ def _print_summary(s: dict):
     print(f"written: {s['bytes_written']:,} bytes in {len(s['files'])} safetensors file(s) to {s['out_dir']}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def _run(argv):
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "convert.py"   # or hrwkv7-convert
     common = ArgumentParser(add_help=False)
     common.add_argument("--dtype", type=_dtype, help="cast every tensor, e.g. bfloat16")
@@ -745,11 +741,11 @@ def main(argv=None):
     return summary
 
 
-def cli(argv=None):
-    """The `hrwkv7-convert` command: main, with bad input reported as one line `error: ...` on stderr
-    and exit status 2 (--debug: the traceback), as the `hrwkv7` command does (hrwkv7_cli.run_command)."""
-    return run_command(main, argv)
+def main(argv=None):
+    """The `hrwkv7-convert` command (bad input: one line `error: ...`, exit status 2; see
+    command_line.run_command)."""
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":
-    cli()
+    main()

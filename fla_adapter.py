@@ -44,7 +44,7 @@ def to_fla_layout(r, w, k, v, a, b):
     return tuple(x.transpose(1, 2).contiguous() for x in (q, k, v, a, b, w))
 
 
-def fla_dplr_recurrence(r, w, k, v, a, b, state=None):
+def fla_dplr_recurrence(r, w, k, v, a, b, S0=None):
     """fla-core's `dplr_recurrence` with wkv_kernel's signature: y [B, T, H, V], S_T [B, H, K, V].
 
     dplr_recurrence converts its inputs to float32 and computes in float32: float64 inputs are
@@ -54,5 +54,5 @@ def fla_dplr_recurrence(r, w, k, v, a, b, state=None):
     dplr = load_fla_dplr_naive()
     if dplr is None:
         raise ImportError("fla_dplr_recurrence: fla-core is not installed (pip install fla-core)")
-    y, S = dplr.dplr_recurrence(*to_fla_layout(r, w, k, v, a, b), initial_state=state)
+    y, S = dplr.dplr_recurrence(*to_fla_layout(r, w, k, v, a, b), initial_state=S0)
     return y.transpose(1, 2).to(r.dtype), S                              # y comes back in q's dtype, float32

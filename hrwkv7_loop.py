@@ -19,9 +19,10 @@ time_mix (hxa079, SPEC.md §4), per token, at absolute position pos; head hh rea
     later layers:     v = v + (v_first - v) * sigmoid(h v1 v2 + v0)
                       k = k + (k_first - k) * sigmoid(h k1 k2 + k0)
     iclr = sigmoid(h a1 a2 + a0)                         [H, N]
-    w    = -softplus(-(tanh(h w1) w2 + w0)) - 0.5        [H, N], the log-space pre-decay, <= -0.5
-    per head hh:  kk = k / max(|k|, 1e-12);   k = k * (1 - w + iclr)
-                  S  = diag(exp(-exp(w))) S - (kk * iclr) (kk^T S) + k v^T       S [K, V] = [N, N]
+    w_pre = -softplus(-(tanh(h w1) w2 + w0)) - 0.5       [H, N], the pre-decay, <= -0.5
+    w    = -exp(w_pre)                                   [H, N], the log decay
+    per head hh:  kk = k / max(|k|, 1e-12);   k = k * (1 - w_pre + iclr)
+                  S  = diag(exp(w)) S - (kk * iclr) (kk^T S) + k v^T       S [K, V] = [N, N]
                   y  = S^T r * N^-0.5 + sum(r * k * r_k[hh]) * v              (the bonus: scaled k)
     out = (y * (sigmoid(h g1) g2)) Wo^T
     No token shift, no GroupNorm.
@@ -30,8 +31,12 @@ gqa (NoPE, SPEC.md §6), per token: q = h Wq^T (+bq) [H, N], k, v = h Wk^T (+bk)
     q, k = rmsnorm(q, q_norm), rmsnorm(k, k_norm) with enable_qk_norm; NO RoPE; append k, v to the
     cache; per head  o = softmax(K_cache q * N^-0.5) V_cache;  out = o Wo^T.
 
-State (SPEC.md §7), as the model's HRWKV7State: {"layers": per layer S [B, H, K, V] (RWKV) or (k_cache, v_cache)
-[B, KV, P, N] (GQA), "pos": tokens seen}. run() never changes the state it is given.
+State (SPEC.md §7): a dict {"per_layer": per layer S [B, H, K, V] (RWKV) or (k_cache, v_cache)
+[B, KV, P, N] (GQA), "pos": P, the tokens seen}, the fields of the model's HRWKV7State. run() never
+changes the state it is given.
+
+golden/variants.py plants the known wrong variants by replacing exact lines of this file's text
+(each must occur exactly once, or it raises): reformatting a line it names means updating it too.
 
     python hrwkv7_loop.py      # checks itself against hrwkv7_ref on a random model
 """
@@ -90,24 +95,24 @@ class Weights:
         return name in self.sd
 
 
-def wkv_step(S, r, logw, k, v, a, b):
-    """One token of the WKV-7 recurrence for one head. S [B, K, V]; r, logw, k, a, b [B, K]; v [B, V].
-        S' = diag(exp(logw)) S + b (a^T S) + k v^T,   y = S'^T r."""
-    S = torch.exp(logw)[:, :, None] * S + b[:, :, None] * (a[:, None, :] @ S) + k[:, :, None] * v[:, None, :]
+def wkv_step(S, r, w, k, v, a, b):
+    """One token of the WKV-7 recurrence for one head. S [B, K, V]; r, w (the log decay), k, a, b [B, K];
+    v [B, V].    S' = diag(exp(w)) S + b (a^T S) + k v^T,   y = S'^T r."""
+    S = torch.exp(w)[:, :, None] * S + b[:, :, None] * (a[:, None, :] @ S) + k[:, :, None] * v[:, None, :]
     y = (r[:, None, :] @ S)[:, 0]                                   # [B, V]
     return y, S
 
 
-def wkv7(r, logw, k, v, a, b, state=None):
-    """The recurrence alone, wkv_kernel's signature: r, logw (the log decay), k, a, b [B, T, H, K],
-    v [B, T, H, V], state [B, H, K, V] or None -> y [B, T, H, V], S_T [B, H, K, V], in float64."""
-    r, logw, k, v, a, b = (x.double() for x in (r, logw, k, v, a, b))
+def wkv7_float64(r, w, k, v, a, b, S0=None):
+    """The recurrence alone, wkv_kernel's signature: r, w (the log decay), k, a, b [B, T, H, K],
+    v [B, T, H, V], S0 [B, H, K, V] or None -> y [B, T, H, V], S_T [B, H, K, V], in float64."""
+    r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))
     B, T, H, K = r.shape
-    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if state is None else state.double().clone()
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if S0 is None else S0.double().clone()
     y = torch.empty(v.shape, dtype=torch.float64)
     for t in range(T):
         for hh in range(H):
-            y[:, t, hh], S[:, hh] = wkv_step(S[:, hh], r[:, t, hh], logw[:, t, hh], k[:, t, hh], v[:, t, hh],
+            y[:, t, hh], S[:, hh] = wkv_step(S[:, hh], r[:, t, hh], w[:, t, hh], k[:, t, hh], v[:, t, hh],
                                              a[:, t, hh], b[:, t, hh])
     return y, S
 
@@ -128,13 +133,14 @@ def time_mix(p, g, h, pos, S, first, theta, eps, H, KV, N, qk_norm):
         v = v + (first[0] - v) * torch.sigmoid(h @ g(p + "v1") @ g(p + "v2") + g(p + "v0")[0]).view(B, KV, N)
         k = k + (first[1] - k) * torch.sigmoid(h @ g(p + "k1") @ g(p + "k2") + g(p + "k0")[0]).view(B, KV, N)
     iclr = torch.sigmoid(h @ g(p + "a1") @ g(p + "a2") + g(p + "a0")[0]).view(B, H, N)
-    w = -F.softplus(-(torch.tanh(h @ g(p + "w1")) @ g(p + "w2") + g(p + "w0")[0])).view(B, H, N) - 0.5
+    w_pre = -F.softplus(-(torch.tanh(h @ g(p + "w1")) @ g(p + "w2") + g(p + "w0")[0])).view(B, H, N) - 0.5
+    w = -torch.exp(w_pre)                                           # the log decay [B, H, N]
     y = torch.empty(B, H, N, dtype=torch.float64)
     for hh in range(H):
         k_h, v_h = k[:, hh // (H // KV)], v[:, hh // (H // KV)]      # [B, N]: the KV head of head hh
         kk = k_h / k_h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        k_h = k_h * (1 - w[:, hh] + iclr[:, hh])
-        y_h, S[:, hh] = wkv_step(S[:, hh], r[:, hh], -torch.exp(w[:, hh]), k_h, v_h, -kk, kk * iclr[:, hh])
+        k_h = k_h * (1 - w_pre[:, hh] + iclr[:, hh])
+        y_h, S[:, hh] = wkv_step(S[:, hh], r[:, hh], w[:, hh], k_h, v_h, -kk, kk * iclr[:, hh])
         y_h = y_h * N ** -0.5
         y[:, hh] = y_h + (r[:, hh] * k_h * g(p + "r_k")[hh]).sum(-1, keepdim=True) * v_h
     gate = torch.sigmoid(h @ g(p + "g1")) @ g(p + "g2")             # [B, H * N]
@@ -168,11 +174,11 @@ def run(config: dict, state_dict: dict, input_ids, state=None):
         raise ValueError(f"input_ids must be an integer tensor [B, T], got {getattr(input_ids, 'shape', input_ids)!r}")
     B, T = input_ids.shape
     if state is None:
-        layers = [(torch.zeros(B, KV, 0, N, dtype=torch.float64),) * 2 if i in gqa_layers
-                  else torch.zeros(B, H, N, N, dtype=torch.float64) for i in range(L)]
+        per_layer = [(torch.zeros(B, KV, 0, N, dtype=torch.float64),) * 2 if i in gqa_layers
+                     else torch.zeros(B, H, N, N, dtype=torch.float64) for i in range(L)]
         pos0 = 0
     else:
-        layers = [s if isinstance(s, tuple) else s.double().clone() for s in state["layers"]]
+        per_layer = [s if isinstance(s, tuple) else s.double().clone() for s in state["per_layer"]]
         pos0 = state["pos"]
     head = g("model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight")  # [n_vocab, C]
     logits = torch.empty(B, T, head.shape[0], dtype=torch.float64)
@@ -183,31 +189,25 @@ def run(config: dict, state_dict: dict, input_ids, state=None):
             p = f"model.layers.{i}."
             h = rms_norm(x, g(p + "input_layernorm.weight"), eps)
             if i in gqa_layers:
-                out, layers[i] = gqa(p + "self_attn.", g, h, layers[i], eps, H, KV, N, qk_norm)
+                out, per_layer[i] = gqa(p + "self_attn.", g, h, per_layer[i], eps, H, KV, N, qk_norm)
             else:
-                out, first = time_mix(p + "self_attn.", g, h, pos0 + t, layers[i], first, theta, eps, H, KV, N,
-                                      qk_norm)
+                out, first = time_mix(p + "self_attn.", g, h, pos0 + t, per_layer[i], first, theta, eps, H, KV,
+                                      N, qk_norm)
             x = x + out
             m = rms_norm(x, g(p + "post_attention_layernorm.weight"), eps)
             x = x + (F.silu(m @ g(p + "mlp.gate_proj.weight").T) * (m @ g(p + "mlp.up_proj.weight").T)) \
                 @ g(p + "mlp.down_proj.weight").T
         logits[:, t] = rms_norm(x, g("model.norm.weight"), eps) @ head.T
-    return logits, {"layers": layers, "pos": pos0 + T}
-
-
-def logits(config: dict, state_dict: dict, input_ids):
-    """input_ids [B, T] -> float64 logits [B, T, n_vocab] of a fresh prefill."""
-    return run(config, state_dict, input_ids)[0]
+    return logits, {"per_layer": per_layer, "pos": pos0 + T}
 
 
 if __name__ == "__main__":
-    from hrwkv7_ref import HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, TINY
+    from hrwkv7_ref import TINY, random_model
 
-    torch.manual_seed(0)
-    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [0, 2], "enable_qk_norm": True,
-                                  "attention_bias": True})
-    model = HRWKV7ForCausalLM(cfg).double().init_random(seed=1).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    model = random_model({**TINY, "transformer_layers": [0, 2], "enable_qk_norm": True, "attention_bias": True},
+                         seed=1)
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, ref_state = model(ids[:, :6])
         want2, ref_state = model(ids[:, 6:], ref_state)
@@ -215,8 +215,8 @@ if __name__ == "__main__":
     got, state = run(config, sd, ids[:, :6])
     got2, state = run(config, sd, ids[:, 6:], state)
     err = max((a - b).abs().max().item() / b.abs().max().item() for a, b in ((got, want), (got2, want2)))
-    serr = max((a - b).abs().max().item() / b.abs().max().item() for s, r in zip(state["layers"], ref_state.layers)
+    serr = max((a - b).abs().max().item() / b.abs().max().item() for s, r in zip(state["per_layer"], ref_state.per_layer)
                for a, b in zip(s if isinstance(s, tuple) else [s], r if isinstance(r, tuple) else [r]))
     print(f"hrwkv7_loop vs hrwkv7_ref (float64, GQA at layers 0 and 2, q/k norm, biases, prefill 6 + 3 "
           f"tokens): max |error| / max |value|: logits {err:.1e}, state {serr:.1e}")
-    assert err < 1e-10 and serr < 1e-10 and isinstance(ref_state, HRWKV7State)
+    assert err < 1e-10 and serr < 1e-10

@@ -228,15 +228,16 @@ class RWKV7TimeMix(nn.Module):
         k, v = repeat each KV head H/KV times
         iclr = sigmoid(x a1 a2 + a0)                     in-context learning rate
         kk = k / max(||k||, 1e-12)
-        w  = -softplus(-(tanh(x w1) w2 + w0)) - 0.5     pre-decay (<= -0.5)
-        k  = k * (1 - w + iclr)
-        y  = WKV(r, log_decay = -exp(w), k, v, a = -kk, b = kk * iclr) * N^-0.5   (SPEC.md §5)
+        w_pre = -softplus(-(tanh(x w1) w2 + w0)) - 0.5  pre-decay (<= -0.5)
+        w  = -exp(w_pre)                                 log decay, in [-exp(-0.5), 0)
+        k  = k * (1 - w_pre + iclr)
+        y  = WKV(r, w, k, v, a = -kk, b = kk * iclr) * N^-0.5   (SPEC.md §5)
         y += sum(r * k * r_k) * v                        per-head bonus (uses the scaled k)
         out = (y * (sigmoid(x g1) g2)) Wo^T
-    The per-token decay is exp(log_decay) = exp(-exp(w)). No token shift, no GroupNorm. The decay
-    path (w and -exp(w)) is computed in at least float32 whatever the weights' dtype: a bfloat16
-    rounding of w near -5 would move the per-token log decay by up to 1.6%; the WKV kernels take a
-    float32 log decay beside bf16/fp16 inputs.
+    The per-token decay factor is exp(w) = exp(-exp(w_pre)). No token shift, no GroupNorm. The
+    decay path (w_pre and w) is computed in at least float32 whatever the weights' dtype: a
+    bfloat16 rounding of w_pre near -5 would move w by up to 1.6%; the WKV kernels take a float32
+    w beside bf16/fp16 inputs.
     """
 
     def __init__(self, cfg: HRWKV7Config, layer_id: int):
@@ -261,10 +262,10 @@ class RWKV7TimeMix(nn.Module):
         self.g1, self.g2 = param(C, Rg), param(Rg, A)
         self.r_k = param(H, N)
 
-    def forward(self, x, cos, sin, state, v_first, k_first, wkv_impl="auto"):
-        """x [B, T, C], RoPE tables cos, sin [T, N], state: the WKV state [B, H, N, N] (None: zeros),
+    def forward(self, x, cos, sin, S, v_first, k_first, wkv_impl="auto"):
+        """x [B, T, C], RoPE tables cos, sin [T, N], S: the WKV state [B, H, N, N] (None: zeros),
         v_first, k_first [B, T, KV, N] of the first RWKV layer (None in that layer)
-        -> out [B, T, C], the new state, v_first, k_first."""
+        -> out [B, T, C], the new S, v_first, k_first."""
         B, T, _ = x.shape
         H, KV, N = self.H, self.KV, self.N
         r = self.receptance(x).view(B, T, H, N)                          # [B, T, H, N]
@@ -282,15 +283,15 @@ class RWKV7TimeMix(nn.Module):
         iclr = torch.sigmoid(x @ self.a1 @ self.a2 + self.a0).view(B, T, H, N)
         kk = F.normalize(k, dim=-1, eps=1e-12)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))          # the decay path in >= float32
-        w = -F.softplus(-(torch.tanh(xf @ self.w1.to(xf.dtype)) @ self.w2.to(xf.dtype) + self.w0.to(xf.dtype))) - 0.5
-        w = w.view(B, T, H, N)                                           # pre-decay, <= -0.5
-        k = (k * (1 - w + iclr)).to(x.dtype)
-        log_decay = -torch.exp(w)                                        # [B, T, H, N], >= float32
-        y, state = wkv7(r, log_decay, k, v, -kk, kk * iclr, state, impl=wkv_impl)  # [B, T, H, N], [B, H, N, N]
+        w_pre = -F.softplus(-(torch.tanh(xf @ self.w1.to(xf.dtype)) @ self.w2.to(xf.dtype) + self.w0.to(xf.dtype))) - 0.5
+        w_pre = w_pre.view(B, T, H, N)                                   # pre-decay, <= -0.5
+        k = (k * (1 - w_pre + iclr)).to(x.dtype)
+        w = -torch.exp(w_pre)                                            # log decay [B, T, H, N], >= float32
+        y, S = wkv7(r, w, k, v, -kk, kk * iclr, S, impl=wkv_impl)       # [B, T, H, N], [B, H, N, N]
         y = y * N ** -0.5
         y = y + (r * k * self.r_k).sum(-1, keepdim=True) * v
         g = torch.sigmoid(x @ self.g1) @ self.g2                        # [B, T, A]
-        return self.output(y.reshape(B, T, H * N) * g), state, v_first, k_first
+        return self.output(y.reshape(B, T, H * N) * g), S, v_first, k_first
 
 
 # -----------------------------------------------------------------------------
@@ -354,7 +355,7 @@ class GQAAttention(nn.Module):
     CUDA, SDPA falls back to its math kernel, which materialises the scores of a fresh prefill
     (exact still, but O(T^2) memory)."""
 
-    def __init__(self, cfg: HRWKV7Config, layer_id: int):
+    def __init__(self, cfg: HRWKV7Config):
         super().__init__()
         C, H, KV, N = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         self.H, self.KV, self.N = H, KV, N
@@ -393,7 +394,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.is_gqa = cfg.is_gqa(layer_id)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = GQAAttention(cfg, layer_id) if self.is_gqa else RWKV7TimeMix(cfg, layer_id)
+        self.self_attn = GQAAttention(cfg) if self.is_gqa else RWKV7TimeMix(cfg, layer_id)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -415,15 +416,15 @@ class DecoderLayer(nn.Module):
 @dataclass
 class HRWKV7State:
     """Everything the model carries between calls (SPEC.md §7).
-    layers[i] is the WKV state [B, H, N, N] (rows: key dimension, columns: value dimension) for an
-    RWKV layer, the cache (k, v) [B, KV, T_past, N] for a GQA layer, or None (empty: no token yet);
-    pos is the number of tokens already seen (the RoPE offset of the RWKV layers)."""
-    layers: list
+    per_layer[i] is the WKV state S [B, H, N, N] (rows: key dimension, columns: value dimension) for
+    an RWKV layer, the cache (k, v) [B, KV, P, N] for a GQA layer, or None (empty: no token yet);
+    pos is P, the number of tokens already seen (the RoPE offset of the RWKV layers)."""
+    per_layer: list
     pos: int = 0
 
     def nbytes(self) -> dict:
-        rwkv = sum(s.numel() * s.element_size() for s in self.layers if torch.is_tensor(s))
-        kv = sum(t.numel() * t.element_size() for s in self.layers if isinstance(s, tuple) for t in s)
+        rwkv = sum(s.numel() * s.element_size() for s in self.per_layer if torch.is_tensor(s))
+        kv = sum(t.numel() * t.element_size() for s in self.per_layer if isinstance(s, tuple) for t in s)
         return {"rwkv_state": rwkv, "kv_cache": kv}
 
 
@@ -445,11 +446,11 @@ class HRWKV7Model(nn.Module):
         pos = torch.arange(state.pos, state.pos + T, device=x.device)
         cos, sin = rope_cos_sin(pos, self.config.head_size, self.config.rope_theta, x.dtype, x.device)  # [T, N]
         v_first = k_first = None
-        layers = []
-        for layer, layer_state in zip(self.layers, state.layers):
+        per_layer = []
+        for layer, layer_state in zip(self.layers, state.per_layer):
             x, layer_state, v_first, k_first = layer(x, cos, sin, layer_state, v_first, k_first, wkv_impl)
-            layers.append(layer_state)
-        return self.norm(x), HRWKV7State(layers, state.pos + T)
+            per_layer.append(layer_state)
+        return self.norm(x), HRWKV7State(per_layer, state.pos + T)
 
 
 class HRWKV7ForCausalLM(nn.Module):
@@ -461,7 +462,7 @@ class HRWKV7ForCausalLM(nn.Module):
         self.model = HRWKV7Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.wkv_impl = "auto"   # which WKV form prefill uses (see wkv_kernel.wkv7)
+        self.wkv_impl = "auto"   # the `impl` of every wkv_kernel.wkv7 call ("auto": chosen per call)
 
     # ---- weights
 
@@ -473,7 +474,7 @@ class HRWKV7ForCausalLM(nn.Module):
         with `seed`, then cast to the parameters' dtype."""
         gen = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            if name.endswith("norm.weight"):
                 val = 1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
             elif name.rsplit(".", 1)[-1] in HXA079_BIASES:
                 val = torch.randn(p.shape, generator=gen, dtype=torch.float64)
@@ -529,27 +530,27 @@ class HRWKV7ForCausalLM(nn.Module):
             return HRWKV7State([None] * len(layout), 0)
         if not isinstance(state, HRWKV7State):
             raise ValueError(f"state must be an HRWKV7State, got {type(state).__name__}")
-        if len(state.layers) != len(layout):
-            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(layout)}")
-        for i, (s, (kind, want, dtype)) in enumerate(zip(state.layers, layout)):
+        if len(state.per_layer) != len(layout):
+            raise ValueError(f"state.per_layer has {len(state.per_layer)} entries, the model has {len(layout)} layers")
+        for i, (s, (kind, want, dtype)) in enumerate(zip(state.per_layer, layout)):
             if s is None:
                 if kind == "GQA" and state.pos != 0:
-                    raise ValueError(f"state.layers[{i}] (GQA) holds no cache but state.pos={state.pos}")
+                    raise ValueError(f"state.per_layer[{i}] (GQA) holds no cache but state.pos={state.pos}")
                 continue
             if (kind == "GQA") != isinstance(s, tuple):
-                raise ValueError(f"state.layers[{i}]: layer {i} is {kind}, the state holds the other kind")
+                raise ValueError(f"state.per_layer[{i}]: layer {i} is {kind}, the state holds the other kind")
             for got in s if kind == "GQA" else [s]:
                 if got.dim() != len(want) or got.shape[0] != B:
-                    raise ValueError(f"state.layers[{i}] ({kind}) has shape {tuple(got.shape)}: batch size "
+                    raise ValueError(f"state.per_layer[{i}] ({kind}) has shape {tuple(got.shape)}: batch size "
                                      f"{got.shape[0] if got.dim() else '?'}, but input_ids has batch size {B}")
                 got_shape, want_shape = tuple(got.shape), want
                 if kind == "GQA":                                       # the cache length may be anything
                     got_shape, want_shape = got_shape[:2] + got_shape[3:], want[:2] + want[3:]
                 if got_shape != want_shape or got.dtype != dtype:
-                    raise ValueError(f"state.layers[{i}] ({kind}) has shape {tuple(got.shape)} {got.dtype}, "
+                    raise ValueError(f"state.per_layer[{i}] ({kind}) has shape {tuple(got.shape)} {got.dtype}, "
                                      f"expected {want} {dtype} (batch size {B})")
             if kind == "GQA" and s[0].shape[2] != state.pos:
-                raise ValueError(f"state.layers[{i}] caches {s[0].shape[2]} positions but state.pos={state.pos}")
+                raise ValueError(f"state.per_layer[{i}] caches {s[0].shape[2]} positions but state.pos={state.pos}")
         return state
 
     # ---- forward
@@ -872,13 +873,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", config=None, *, rev
 # Memory (state + KV cache, the attention's transient memory) and the presets
 
 
-def state_bytes(cfg: HRWKV7Config, context: int, batch: int = 1, kv_bytes: int = 2, state_bytes_per: int = 4):
-    """Bytes of (RWKV states, GQA KV caches) after `context` tokens: the WKV state is [H, N, N]
-    float32 per RWKV layer, the cache 2 x [KV, context, N] in the model dtype per GQA layer."""
+def state_bytes(cfg: HRWKV7Config, context: int, batch: int = 1, dtype=torch.bfloat16):
+    """Bytes of (RWKV states, GQA KV caches) after `context` tokens of a model in `dtype`: the WKV
+    state is [H, N, N] in state_dtype(dtype) per RWKV layer, the cache 2 x [KV, context, N] in
+    dtype per GQA layer."""
     H, KV, N = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     n_gqa = len(cfg.transformer_layers)
-    rwkv = (cfg.num_hidden_layers - n_gqa) * batch * H * N * N * state_bytes_per
-    kv = n_gqa * batch * 2 * KV * context * N * kv_bytes
+    rwkv = (cfg.num_hidden_layers - n_gqa) * batch * H * N * N * state_dtype(dtype).itemsize
+    kv = n_gqa * batch * 2 * KV * context * N * dtype.itemsize
     return rwkv, kv
 
 
@@ -910,15 +912,22 @@ TINY = dict(vocab_size=128, hidden_size=48, num_hidden_layers=4, num_attention_h
             lora_rank_value_residual_mix=4, lora_rank_key_residual_mix=4, lora_rank_gate=8)
 
 
+def random_model(config=TINY, seed: int = 0, dtype=torch.float64) -> HRWKV7ForCausalLM:
+    """A random model of `config` (an HRWKV7Config or a config.json dict) in eval mode, its weights
+    drawn by init_random(seed) in float64, then rounded to `dtype`: what the demo, the tests and
+    the benchmarks run."""
+    cfg = config if isinstance(config, HRWKV7Config) else HRWKV7Config.from_dict(config)
+    return HRWKV7ForCausalLM(cfg).to(dtype).init_random(seed=seed).eval()
+
+
 # -----------------------------------------------------------------------------
 # Demo
 
 
 def demo():
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    cfg = HRWKV7Config.from_dict(TINY)
-    model = HRWKV7ForCausalLM(cfg).double().init_random(seed=0).eval()
+    model = random_model(TINY, seed=0)
+    cfg = model.config
     print(f"tiny random hxa079 model, float64: layers {cfg.layer_kinds} (R = RWKV, G = NoPE GQA), "
           f"C={cfg.hidden_size} H={cfg.num_attention_heads} KV={cfg.num_key_value_heads} N={cfg.head_size}")
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))

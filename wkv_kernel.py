@@ -5,12 +5,12 @@ recurrence, §4 the hxa079 time-mix that calls it, §13 its symbols against the 
 
 Every form here has one signature and one meaning:
 
-    y, S_T = wkv7_<form>(r, w, k, v, a, b, state=None, <tunables as keyword arguments>)
+    y, S_T = wkv7_<form>(r, w, k, v, a, b, S0=None, <tunables as keyword arguments>)
 
     r, k, a, b : [B, T, H, K]   receptance, key, and the two vectors of the rank-1 state correction
     w          : [B, T, H, K]   the LOG decay (w <= 0: the state decays by exp(w) per token)
     v          : [B, T, H, V]   value (K == V == head_dim in hxa079; the names stay apart)
-    state      : [B, H, K, V]   S_0, or None for zeros
+    S0         : [B, H, K, V]   the initial state S_0, or None for zeros
     y          : [B, T, H, V]
     S_T        : [B, H, K, V]   the state after the last token
 
@@ -18,7 +18,7 @@ Dtypes (state_dtype below is the one place the state's rule is written):
     r, k, v, a, b   one floating dtype, the input dtype: float64, float32, bfloat16 or float16
                     (wkv7_triton: not float64)
     w               the input dtype, or float32 beside bfloat16/float16 inputs
-    state, S_T      state_dtype(input dtype): float64 for float64 inputs, float32 for all others
+    S0, S_T         state_dtype(input dtype): float64 for float64 inputs, float32 for all others
     y               the input dtype
 All on one device. Every form computes in the state dtype.
 
@@ -69,7 +69,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def check_wkv7_inputs(r, w, k, v, a, b, state=None):
+def check_wkv7_inputs(r, w, k, v, a, b, S0=None):
     """Raise a ValueError naming the offending tensor before any work is done."""
     if r.dim() != 4:
         raise ValueError(f"wkv7: r must be [B, T, H, K], got shape {tuple(r.shape)}")
@@ -88,23 +88,23 @@ def check_wkv7_inputs(r, w, k, v, a, b, state=None):
         if x.device != r.device:
             raise ValueError(f"wkv7: {name} is on {x.device} but r is on {r.device}")
     V = v.shape[-1]
-    if state is not None:
-        if tuple(state.shape) != (B, H, K, V):
-            raise ValueError(f"wkv7: state has shape {tuple(state.shape)}, expected [B, H, K, V] = {(B, H, K, V)}")
-        if state.dtype != state_dtype(r.dtype):
-            raise ValueError(f"wkv7: state has dtype {state.dtype}, expected {state_dtype(r.dtype)} "
+    if S0 is not None:
+        if tuple(S0.shape) != (B, H, K, V):
+            raise ValueError(f"wkv7: S0 has shape {tuple(S0.shape)}, expected [B, H, K, V] = {(B, H, K, V)}")
+        if S0.dtype != state_dtype(r.dtype):
+            raise ValueError(f"wkv7: S0 has dtype {S0.dtype}, expected {state_dtype(r.dtype)} "
                              f"for {r.dtype} inputs")
-        if state.device != r.device:
-            raise ValueError(f"wkv7: state is on {state.device} but r is on {r.device}")
+        if S0.device != r.device:
+            raise ValueError(f"wkv7: S0 is on {S0.device} but r is on {r.device}")
 
 
-def wkv7_naive(r, w, k, v, a, b, state=None):
+def wkv7_naive(r, w, k, v, a, b, S0=None):
     """The definition: one token at a time, exactly the recurrence in the module docstring."""
-    check_wkv7_inputs(r, w, k, v, a, b, state)
+    check_wkv7_inputs(r, w, k, v, a, b, S0)
     B, T, H, K = r.shape
     V = v.shape[-1]
     dtype, sd = r.dtype, state_dtype(r.dtype)
-    S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if state is None else state.clone()
+    S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if S0 is None else S0.clone()
     r, w, k, v, a, b = (x.to(sd) for x in (r, w, k, v, a, b))
     y = torch.empty(B, T, H, V, dtype=sd, device=r.device)
     for t in range(T):
@@ -120,32 +120,32 @@ def wkv7_naive(r, w, k, v, a, b, state=None):
 # ----------------------------------------------------------------------------
 # The chunked form: its derivation (steps 0-5, which the helpers below, `wkv7_chunked` and
 # `wkv7_triton` cite by number), then the helpers, each working on all chunks at once,
-# [n, BH, C, K] (n chunks of C tokens, BH = B * H), then `wkv7_chunked` itself.
+# [n, BH, BT, K] (n chunks of BT tokens, BH = B * H), then `wkv7_chunked` itself.
 #
-# Derivation. Inside one chunk number the tokens t = 1..C, let S_0 be the state entering it, and write
-# x * y for the elementwise product. Without a subscript, r, k, a, b ([C, K]) and v ([C, V])
-# are the chunk's matrices whose row t is r_t, k_t, ..., and U ([C, V]) has rows u_t.
+# Derivation. Inside one chunk number the tokens t = 1..BT, let S_0 be the state entering it, and write
+# x * y for the elementwise product. Without a subscript, r, k, a, b ([BT, K]) and v ([BT, V])
+# are the chunk's matrices whose row t is r_t, k_t, ..., and U ([BT, V]) has rows u_t.
 #
 # 0. Cumulative log decays (per channel, <= 0, non-increasing):
-#        g_t = w_1 + ... + w_t,   g_0 = 0,   D_t = diag(exp(g_t))
+#        g_t = w_1 + ... + w_t,   g_0 = 0,   g_end = g_BT (the chunk's total log decay)
 #    so that diag(exp(w_{s+1})) ... diag(exp(w_t)) = diag(exp(g_t - g_s)).
 #
 # 1. Unroll. With u_t = S_{t-1}^T a_t (the "a^T S" term, [V]) one step reads
 #        S_t = diag(exp(w_t)) S_{t-1} + b_t u_t^T + k_t v_t^T,  hence
-#        S_t = D_t S_0 + sum_{s<=t} diag(exp(g_t - g_s)) (b_s u_s^T + k_s v_s^T).
+#        S_t = diag(exp(g_t)) S_0 + sum_{s<=t} diag(exp(g_t - g_s)) (b_s u_s^T + k_s v_s^T).
 #
 # 2. The a^T S terms. Put 1. at t-1 into u_t = S_{t-1}^T a_t:
 #        u_t = S_0^T (a_t * exp(g_{t-1}))
 #              + sum_{s<t} (sum_k a_t b_s exp(g_{t-1} - g_s)) u_s
 #              + sum_{s<t} (sum_k a_t k_s exp(g_{t-1} - g_s)) v_s
-#    i.e., stacking the rows t = 1..C,  U = a_D S_0 + A_ab U + A_ak v  with
-#        a_D[t]     = a_t * exp(g_{t-1})                                   [C, K]
-#        A_ab[t, s] = sum_k a_t b_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
-#        A_ak[t, s] = sum_k a_t k_s exp(g_{t-1} - g_s)   for s < t, else 0 [C, C]
+#    i.e., stacking the rows t = 1..BT,  U = a_D S_0 + A_ab U + A_ak v  with
+#        a_D[t]     = a_t * exp(g_{t-1})                                   [BT, K]
+#        A_ab[t, s] = sum_k a_t b_s exp(g_{t-1} - g_s)   for s < t, else 0 [BT, BT]
+#        A_ak[t, s] = sum_k a_t k_s exp(g_{t-1} - g_s)   for s < t, else 0 [BT, BT]
 #    A_ab is strictly lower triangular, so this is the unit lower-triangular system
 #        (I - A_ab) U = a_D S_0 + A_ak v,
 #    solved by forward substitution: solve_triangular (unitriangular) against I gives
-#    L_inv = (I - A_ab)^{-1}, cheaper here than against the [C, K + V] right-hand side.
+#    L_inv = (I - A_ab)^{-1}, cheaper here than against the [BT, K + V] right-hand side.
 #    Linear in S_0:
 #        U = W S_0 + U_0,   W = L_inv a_D,   U_0 = L_inv A_ak v,
 #    and W, U_0 do not depend on the state: they are computed for all chunks at once.
@@ -154,21 +154,21 @@ def wkv7_naive(r, w, k, v, a, b, state=None):
 #        y = r_D S_0 + A_rb U + A_rk v,   r_D[t] = r_t * exp(g_t),
 #        A_rb[t, s] = sum_k r_t b_s exp(g_t - g_s) for s <= t (diagonal included), A_rk alike.
 #
-# 4. Carried state. 1. at t = C, then U = W S_0 + U_0 from 2.:
-#        S_C = D_C S_0 + b_E^T U + k_E^T v,   b_E[s] = b_s * exp(g_C - g_s), k_E alike,
-#            = (D_C + b_E^T W) S_0 + (b_E^T U_0 + k_E^T v)  =  M S_0 + Z.
+# 4. Carried state. 1. at t = BT, then U = W S_0 + U_0 from 2.:
+#        S_end = diag(exp(g_end)) S_0 + b_E^T U + k_E^T v,   b_E[s] = b_s * exp(g_end - g_s), k_E alike,
+#            = (diag(exp(g_end)) + b_E^T W) S_0 + (b_E^T U_0 + k_E^T v)  =  M S_0 + Z.
 #    M [K, K] and Z [K, V] (the state the chunk leaves from S_0 = 0) do not depend on the
 #    state either; only S <- M S + Z runs chunk after chunk (one [K, K] x [K, V] product
 #    each). With every chunk's S_0 known, U and y (3.) are again computed for all chunks at once.
 #
-# 5. Numerics. The exponents in a_D, r_D, b_E, k_E, D_C are <= 0: those factors lie in
+# 5. Numerics. The exponents in a_D, r_D, b_E, k_E, diag(exp(g_end)) are <= 0: those factors lie in
 #    [0, 1]. So do the pairwise exp(g_t - g_s) (s <= t) inside the A matrices, but a matrix
 #    product needs each split into a row factor times a column factor, and
-#    exp(g_t) * exp(-g_s) overflows once -g_s > 88 (float32). Split about the chunk's end g_C
+#    exp(g_t) * exp(-g_s) overflows once -g_s > 88 (float32). Split about the chunk's end g_end
 #    instead:
-#        exp(g_t - g_s) = exp(g_t - g_C) * exp(g_C - g_s),
+#        exp(g_t - g_s) = exp(g_t - g_end) * exp(g_end - g_s),
 #    so the column factor is b_E's (k_E's) own, in [e^-span, 1], and only the rows are
-#    rescaled: a_D * exp(-g_C), r_D * exp(-g_C), in [1, e^span] times a, r; span = -g_C is
+#    rescaled: a_D * exp(-g_end), r_D * exp(-g_end), in [1, e^span] times a, r; span = -g_end is
 #    the chunk's total decay (max over channels). With span <= max_factored_span (default 60
 #    for a float32 state, 600 for float64):
 #      - exp(g) >= exp(-span) is still a normal number (smallest normal: e^-87.3 float32,
@@ -177,29 +177,29 @@ def wkv7_naive(r, w, k, v, a, b, state=None):
 #        the diagonal, exp(g_t - g_s) <= e^span: far from overflow (3e38 / 1e308), no inf or
 #        NaN anywhere, also not in the backward pass.
 #    (`wkv7_triton` splits the same way.) hxa079's log decay is |w| <= e^-0.5 = 0.61 per
-#    token, so span <= 39 at C = 64: its chunks always take this path. A chunk over the
-#    threshold (e.g. w down to -30) instead builds the [C, C, K] tensors exp(g_t - g_s) and
+#    token, so span <= 39 at BT = 64: its chunks always take this path. A chunk over the
+#    threshold (e.g. w down to -30) instead builds the [BT, BT, K] tensors exp(g_t - g_s) and
 #    exp(g_{t-1} - g_s) themselves, each exponent a sum over its own segment and set to -inf
-#    above the diagonal (every entry in [0, 1]): exact for any decay, at ~C times the memory
+#    above the diagonal (every entry in [0, 1]): exact for any decay, at ~BT times the memory
 #    and elementwise work.
 #    Rounding: g is a running sum, so exp(g) carries a relative error ~|g| * eps (float32:
-#    <= 39 * 6e-8 = 2.4e-6 for hxa079 at C = 64; the naive loop's products of exp(w) do
-#    better, ~2e-7). In chunks over the threshold the decays to the chunk end, g_C - g_s,
+#    <= 39 * 6e-8 = 2.4e-6 for hxa079 at BT = 64; the naive loop's products of exp(w) do
+#    better, ~2e-7). In chunks over the threshold the decays to the chunk end, g_end - g_s,
 #    are therefore summed over their own segment rather than taken as a difference of two
 #    g's (both ~ -1000 there: the difference would lose ~6e-5); below it the difference is
 #    consistent with g itself, and the more accurate.
 
 
 def _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span):
-    """The four intra-chunk matrices as products of [C, K] matrices (step 5: any decay up to max_span).
+    """The four intra-chunk matrices as products of [BT, K] matrices (step 5: any decay up to max_span).
 
-    (a_D * exp(-g_C))[t] = a_t exp(g_{t-1} - g_C) and b_E[s] = b_s exp(g_C - g_s), so their product
+    (a_D * exp(-g_end))[t] = a_t exp(g_{t-1} - g_end) and b_E[s] = b_s exp(g_end - g_s), so their product
     is sum_k a_t b_s exp(g_{t-1} - g_s). The clamp only acts in chunks over max_span, whose
     (finite) result the caller replaces.
     """
-    up = torch.exp((-g_end).clamp(max=max_span))                     # exp(-g_C)  [n, BH, 1, K], in [1, e^max_span]
-    a_up, r_up = a_D * up, r_D * up                                  # [n, BH, C, K]
-    A_ab = (a_up @ b_E.mT).tril_(-1)                                 # s <  t   [n, BH, C, C]
+    up = torch.exp((-g_end).clamp(max=max_span))                     # exp(-g_end)  [n, BH, 1, K], in [1, e^max_span]
+    a_up, r_up = a_D * up, r_D * up                                  # [n, BH, BT, K]
+    A_ab = (a_up @ b_E.mT).tril_(-1)                                 # s <  t   [n, BH, BT, BT]
     A_ak = (a_up @ k_E.mT).tril_(-1)
     A_rb = (r_up @ b_E.mT).tril_()                                   # s <= t
     A_rk = (r_up @ k_E.mT).tril_()
@@ -207,19 +207,19 @@ def _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span):
 
 
 def _intra_pairwise(w, a, r, b, k):
-    """The four intra-chunk matrices from an explicit [C, C, K] tensor of decays (step 5: any decay).
+    """The four intra-chunk matrices from an explicit [BT, BT, K] tensor of decays (step 5: any decay).
 
     seg[t, s] = w_{s+1} + ... + w_t = g_t - g_s for s <= t, summed inside the segment (so its
     rounding is relative to the segment, not to g_t), and -inf above the diagonal: every
-    exp(seg) is in [0, 1]. Inputs [..., C, K]; outputs [..., C, C].
+    exp(seg) is in [0, 1]. Inputs [..., BT, K]; outputs [..., BT, BT].
     """
-    C = w.shape[-2]
-    t = torch.arange(C, device=w.device)
-    after_s = (t[:, None] > t[None, :])[..., None]                   # j > s     [C(j), C(s), 1]
-    seg = (w[..., :, None, :] * after_s).cumsum(-3)                  # sum_{s<j<=t} w_j   [..., C(t), C(s), K]
+    BT = w.shape[-2]
+    t = torch.arange(BT, device=w.device)
+    after_s = (t[:, None] > t[None, :])[..., None]                   # j > s     [BT(j), BT(s), 1]
+    seg = (w[..., :, None, :] * after_s).cumsum(-3)                  # sum_{s<j<=t} w_j   [..., BT(t), BT(s), K]
     E_r = seg.masked_fill(~(t[:, None] >= t[None, :])[..., None], -math.inf).exp()  # exp(g_t - g_s), s <= t
     E_a = F.pad(E_r[..., :-1, :, :], (0, 0, 0, 0, 1, 0))            # row t is row t-1: exp(g_{t-1} - g_s), s < t
-    A_ab = torch.einsum("...tk,...sk,...tsk->...ts", a, b, E_a)      # [..., C, C]
+    A_ab = torch.einsum("...tk,...sk,...tsk->...ts", a, b, E_a)      # [..., BT, BT]
     A_ak = torch.einsum("...tk,...sk,...tsk->...ts", a, k, E_a)
     A_rb = torch.einsum("...tk,...sk,...tsk->...ts", r, b, E_r)
     A_rk = torch.einsum("...tk,...sk,...tsk->...ts", r, k, E_r)
@@ -228,64 +228,64 @@ def _intra_pairwise(w, a, r, b, k):
 
 def _chunk_prepare(r, w, k, v, a, b, max_span: float):
     """Steps 0-2 and the chunk maps of step 4, for all chunks at once (nothing here needs the state).
-    Inputs [n, BH, C, K] (v: [n, BH, C, V]) in the state dtype."""
-    C, sd = r.shape[-2], r.dtype
+    Inputs [n, BH, BT, K] (v: [n, BH, BT, V]) in the state dtype."""
+    BT, sd = r.shape[-2], r.dtype
 
     # 0. cumulative log decays
-    g = w.cumsum(-2)                                                 # g_t                    [n, BH, C, K]
+    g = w.cumsum(-2)                                                 # g_t                    [n, BH, BT, K]
     g_prev = g - w                                                   # g_{t-1}
-    g_end = g[..., -1:, :]                                           # g_C                    [n, BH, 1, K]
-    g_rest = g_end - g                                               # g_C - g_t
+    g_end = g[..., -1:, :]                                           # g_BT                   [n, BH, 1, K]
+    g_rest = g_end - g                                               # g_end - g_t
     # chunks whose decay is too strong for the factored form (5.); in them |g| is large, so
-    # g_C - g_t is summed over its own segment, w_{t+1} + ... + w_C, instead
+    # g_end - g_t is summed over its own segment, w_{t+1} + ... + w_BT, instead
     strong = (-g_end).amax(-1)[..., 0] > max_span                    # [n, BH]
     if strong.any():
-        later = torch.ones(C, C, dtype=sd, device=r.device).triu(1)  # later[t, j] = 1 for j > t
+        later = torch.ones(BT, BT, dtype=sd, device=r.device).triu(1)  # later[t, j] = 1 for j > t
         g_rest = g_rest.index_put((strong,), later @ w[strong])
 
     # decayed rows (all factors in [0, 1])
-    a_D = a * torch.exp(g_prev)                                      # a_D[t] = a_t exp(g_{t-1})   [n, BH, C, K]
+    a_D = a * torch.exp(g_prev)                                      # a_D[t] = a_t exp(g_{t-1})   [n, BH, BT, K]
     r_D = r * torch.exp(g)                                           # r_D[t] = r_t exp(g_t)
     to_end = torch.exp(g_rest)
-    b_E, k_E = b * to_end, k * to_end                                # b_E[s] = b_s exp(g_C - g_s), k_E alike
+    b_E, k_E = b * to_end, k * to_end                                # b_E[s] = b_s exp(g_end - g_s), k_E alike
 
     # intra-chunk matrices (5.): factored, except in the strong chunks
-    A_ab, A_ak, A_rb, A_rk = _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span)  # [n, BH, C, C]
+    A_ab, A_ak, A_rb, A_rk = _intra_factored(a_D, r_D, b_E, k_E, g_end, max_span)  # [n, BH, BT, BT]
     if strong.any():
         pairwise = _intra_pairwise(*(x[strong] for x in (w, a, r, b, k)))
         A_ab, A_ak, A_rb, A_rk = (A.index_put((strong,), A_s) for A, A_s in zip((A_ab, A_ak, A_rb, A_rk), pairwise))
 
     # 2. W = (I - A_ab)^{-1} a_D and U_0 = (I - A_ab)^{-1} A_ak v, all chunks at once
-    I = torch.eye(C, dtype=sd, device=r.device)
+    I = torch.eye(BT, dtype=sd, device=r.device)
     L_inv = torch.linalg.solve_triangular(I - A_ab, I.expand_as(A_ab), upper=False, unitriangular=True)
-    W, U0 = L_inv @ a_D, L_inv @ (A_ak @ v)                          # [n, BH, C, K], [n, BH, C, V]
+    W, U0 = L_inv @ a_D, L_inv @ (A_ak @ v)                          # [n, BH, BT, K], [n, BH, BT, V]
 
-    # 4. S_C = D_C S_0 + b_E^T (W S_0 + U_0) + k_E^T v = M S_0 + Z
+    # 4. S_end = diag(exp(g_end)) S_0 + b_E^T (W S_0 + U_0) + k_E^T v = M S_0 + Z
     # (sums accumulate in place into fresh products: fewer [n, BH, K, V]-sized temporaries)
     M = b_E.mT @ W                                                   # b_E^T W                [n, BH, K, K]
-    M.diagonal(dim1=-2, dim2=-1).add_(torch.exp(g_end[..., 0, :]))  # + D_C
+    M.diagonal(dim1=-2, dim2=-1).add_(torch.exp(g_end[..., 0, :]))  # + diag(exp(g_end))
     Z = (b_E.mT @ U0).add_(k_E.mT @ v)                               # b_E^T U_0 + k_E^T v    [n, BH, K, V]
     return W, U0, M, Z, r_D, A_rb, A_rk
 
 
 def _chunk_outputs(S_in, W, U0, r_D, A_rb, A_rk, v):
     """Step 3 for all chunks at once, given each chunk's entering state S_in [n, BH, K, V]."""
-    U = (W @ S_in).add_(U0)                                          # U = W S_0 + U_0        [n, BH, C, V]
+    U = (W @ S_in).add_(U0)                                          # U = W S_0 + U_0        [n, BH, BT, V]
     return (r_D @ S_in).add_(A_rb @ U).add_(A_rk @ v)                # y = r_D S_0 + A_rb U + A_rk v
 
 
-def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factored_span: float | None = None,
+def wkv7_chunked(r, w, k, v, a, b, S0=None, chunk_size: int = 64, max_factored_span: float | None = None,
                  segment_elements: int = 2 ** 17, stages=(_chunk_prepare, _chunk_outputs)):
     """The chunked parallel form, derived in steps 0-5 in the comment block that opens this section
-    (same names): the loop over T becomes a loop over T / C chunks.
+    (same names): the loop over T becomes a loop over T / BT chunks.
 
-    chunk_size         C, tokens per chunk (64: the fastest of 16/32/64/128 on a 2-core CPU at
+    chunk_size         BT, tokens per chunk (64: the fastest of 16/32/64/128 on a 2-core CPU at
                        head sizes 64 and 96, `python bench_wkv.py`).
     max_factored_span  the largest total decay of a chunk that the factored product handles
                        (step 5); stronger chunks take the pairwise path. None: 60 for a float32
                        state, 600 for float64. Any value >= 0 is exact; 0 sends every chunk
                        down the (slower) pairwise path.
-    segment_elements   the chunks go through in segments of whole chunks whose [chunks, B*H, C, K]
+    segment_elements   the chunks go through in segments of whole chunks whose [chunks, B*H, BT, K]
                        tensors hold about this many numbers (2^17: 512 KiB in float32, so the
                        ~30 elementwise passes over them stay in a core's L2 cache, ~1.4x faster
                        than whole-sequence tensors on a 2-core CPU; the intermediates stay bounded
@@ -294,12 +294,12 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factore
                        steps 0-2 and 4's maps; `_chunk_outputs`: step 3); `wkv7_compiled`
                        passes them compiled.
 
-    Cost per token and head (K = V): ~(8 C + 6 K) K multiply-adds, nearly all in batched
+    Cost per token and head (K = V): ~(8 BT + 6 K) K multiply-adds, nearly all in batched
     products (the naive loop: ~4 K^2, but one token at a time), plus ~30 elementwise passes
-    over [C, K]-sized tensors; the sequential part is T / C products of [K, K] x [K, V].
+    over [BT, K]-sized tensors; the sequential part is T / BT products of [K, K] x [K, V].
     The tail is padded with identity steps (w = 0, k = v = a = b = 0).
     """
-    check_wkv7_inputs(r, w, k, v, a, b, state)
+    check_wkv7_inputs(r, w, k, v, a, b, S0)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"wkv7_chunked: chunk_size must be a positive int, got {chunk_size!r}")
     if not (max_factored_span is None or (isinstance(max_factored_span, (int, float)) and max_factored_span >= 0)):
@@ -312,34 +312,34 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factore
     dtype, sd = r.dtype, state_dtype(r.dtype)
     if max_factored_span is None:
         max_factored_span = 600.0 if sd == torch.float64 else 60.0
-    S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if state is None else state
+    S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if S0 is None else S0
     if T == 0:
         return v.new_empty(B, 0, H, V), S.clone()
-    C = min(chunk_size, T)
-    n = -(-T // C)                                                   # number of chunks
-    pad = n * C - T
+    BT = min(chunk_size, T)
+    n = -(-T // BT)                                                   # number of chunks
+    pad = n * BT - T
 
     # Batch and heads in one dimension, chunk index first (the loop below walks it):
-    # [B, T, H, K] -> [n, BH, C, K], the tail padded with identity steps
+    # [B, T, H, K] -> [n, BH, BT, K], the tail padded with identity steps
     def chunks(x):
         x = F.pad(x.to(sd), (0, 0, 0, 0, 0, pad)) if pad else x.to(sd)
-        return rearrange(x, "b (n c) h k -> n (b h) c k", c=C).contiguous()
+        return rearrange(x, "b (n c) h k -> n (b h) c k", c=BT).contiguous()
 
-    r, w, k, v, a, b = (chunks(x) for x in (r, w, k, v, a, b))       # v: [n, BH, C, V]
+    r, w, k, v, a, b = (chunks(x) for x in (r, w, k, v, a, b))       # v: [n, BH, BT, V]
     S = S.reshape(B * H, K, V)
-    per = max(1, segment_elements // (B * H * C * K))                # chunks per segment
+    per = max(1, segment_elements // (B * H * BT * K))                # chunks per segment
     ys = []
     for i in range(0, n, per):
         W, U0, M, Z, r_D, A_rb, A_rk = prepare(*(x[i:i + per] for x in (r, w, k, v, a, b)), float(max_factored_span))
 
-        # 4. the state, chunk after chunk: S_C = M S_0 + Z
+        # 4. the state, chunk after chunk: S_end = M S_0 + Z
         S_in = []
         for M_i, Z_i in zip(M, Z):
             S_in.append(S)                                           # S_0 of chunk i         [BH, K, V]
             S = torch.baddbmm(Z_i, M_i, S)                           # M S_0 + Z
         S_in = torch.stack(S_in)                                     # [per, BH, K, V]
 
-        ys.append(outputs(S_in, W, U0, r_D, A_rb, A_rk, v[i:i + per]))  # 3.  [per, BH, C, V]
+        ys.append(outputs(S_in, W, U0, r_D, A_rb, A_rk, v[i:i + per]))  # 3.  [per, BH, BT, V]
     y = rearrange(torch.cat(ys), "n (b h) c v -> b (n c) h v", b=B)[:, :T]
     return y.to(dtype), S.view(B, H, K, V)
 
@@ -355,10 +355,10 @@ def _compiled_stages():
     return torch.compile(_chunk_prepare, dynamic=True), torch.compile(_chunk_outputs, dynamic=True)
 
 
-def wkv7_compiled(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factored_span: float | None = None,
+def wkv7_compiled(r, w, k, v, a, b, S0=None, chunk_size: int = 64, max_factored_span: float | None = None,
                   segment_elements: int = 2 ** 17):
     """wkv7_chunked with its two state-free stages (`_chunk_prepare`, `_chunk_outputs`) compiled by
-    torch.compile (inductor: C++/OpenMP on a CPU, Triton on a GPU). The same code, not a copy.
+    torch.compile (inductor: BT++/OpenMP on a CPU, Triton on a GPU). The same code, not a copy.
 
     Compiled with dynamic=True: the number of chunks n and B*H are symbolic, so a new T or batch
     does not recompile, except that a single chunk or B*H = 1 is a case of its own (sizes 0 and 1
@@ -369,7 +369,7 @@ def wkv7_compiled(r, w, k, v, a, b, state=None, chunk_size: int = 64, max_factor
     chunk-to-chunk state scan stays a plain loop of n small products. Each compile costs about
     20-50 s on a 2-core CPU (the first call's time, printed by `python bench_wkv.py`).
     Differentiable like wkv7_chunked (inductor compiles the backward too)."""
-    return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size, max_factored_span=max_factored_span,
+    return wkv7_chunked(r, w, k, v, a, b, S0, chunk_size=chunk_size, max_factored_span=max_factored_span,
                         segment_elements=segment_elements, stages=_compiled_stages())
 
 
@@ -411,7 +411,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _wkv7_load_chunk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_k, m_tk, o_t, H: tl.constexpr, K: tl.constexpr):
-        # The chunk's rows of r, w, k, a, b at the offsets p_k [C, BK] in float32, 0 where masked
+        # The chunk's rows of r, w, k, a, b at the offsets p_k [BT, BK] in float32, 0 where masked
         # (tokens past T are identity steps: w = 0, everything else 0), and w shifted by one token
         # inside the chunk: w_prev[t] = w_{t-1} (0 at the chunk start).
         r = tl.load(r_ptr + p_k, mask=m_tk, other=0.0).to(tl.float32)
@@ -449,45 +449,45 @@ if HAS_TRITON:
     @triton.jit
     def _wkv7_fwd_chunked_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, T,
                                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  HAS_S0: tl.constexpr, MAX_SPAN: tl.constexpr):
         o_k, o_v, m_k, m_v, p_s, m_kv, S, base_k, base_v = _wkv7_program_start(s0_ptr, T, H, K, V, BK, BV, HAS_S0)
-        o_t = tl.arange(0, C)                                               # token within the chunk
+        o_t = tl.arange(0, BT)                                               # token within the chunk
         s_lt = o_t[None, :] < o_t[:, None]                                  # [t, s]: s < t
         s_le = o_t[None, :] <= o_t[:, None]                                 # [t, s]: s <= t
-        eye = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)              # I  [C, C]
+        eye = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)              # I  [BT, BT]
 
-        for t0 in range(0, T, C):
+        for t0 in range(0, T, BT):
             # load the chunk
             t = t0 + o_t
             m_tk = (t < T)[:, None] & m_k[None, :]
-            p_k = base_k + t[:, None] * (H * K) + o_k[None, :]               # [C, BK]
-            p_v = base_v + t[:, None] * (H * V) + o_v[None, :]               # [C, BV]
+            p_k = base_k + t[:, None] * (H * K) + o_k[None, :]               # [BT, BK]
+            p_v = base_v + t[:, None] * (H * V) + o_v[None, :]               # [BT, BV]
             r, w, k, a, b, w_prev = _wkv7_load_chunk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_k, m_tk, o_t, H, K)
             v = tl.load(v_ptr + p_v, mask=(t < T)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             # w shifted the other way: w_next[t] = w_{t+1} (0 at the chunk end)
-            w_next = tl.load(w_ptr + p_k + H * K, mask=((t + 1 < T) & (o_t + 1 < C))[:, None] & m_k[None, :],
+            w_next = tl.load(w_ptr + p_k + H * K, mask=((t + 1 < T) & (o_t + 1 < BT))[:, None] & m_k[None, :],
                              other=0.0).to(tl.float32)
 
             # 0. cumulative log decays, each a scan of the w's it spans
-            g = tl.cumsum(w, axis=0)                                        # g_t                    [C, BK]
+            g = tl.cumsum(w, axis=0)                                        # g_t                    [BT, BK]
             g_prev = tl.cumsum(w_prev, axis=0)                              # g_{t-1}
-            g_rest = tl.cumsum(w_next, axis=0, reverse=True)                # g_C - g_t
-            g_end = tl.sum(w, axis=0)                                       # g_C                    [BK]
+            g_rest = tl.cumsum(w_next, axis=0, reverse=True)                # g_end - g_t
+            g_end = tl.sum(w, axis=0)                                       # g_end                    [BK]
 
             # the decayed rows of 2.-4. (exponents <= 0: factors in [0, 1])
             a_D = a * tl.exp(g_prev)                                        # a_D[t] = a_t exp(g_{t-1})
             r_D = r * tl.exp(g)                                             # r_D[t] = r_t exp(g_t)
             to_end = tl.exp(g_rest)
-            b_E = b * to_end                                                # b_E[s] = b_s exp(g_C - g_s)
-            k_E = k * to_end                                                # k_E[s] = k_s exp(g_C - g_s)
+            b_E = b * to_end                                                # b_E[s] = b_s exp(g_end - g_s)
+            k_E = k * to_end                                                # k_E[s] = k_s exp(g_end - g_s)
 
             # 2./3. the intra-chunk matrices A_ab, A_ak (s < t) and A_rb, A_rk (s <= t)
             span = tl.max(-g_end, axis=0)                                   # the chunk's total decay, max over channels
             if span <= MAX_SPAN:
-                # factored about the chunk end g_C, as in step 5 of the chunked derivation:
-                # (a_t exp(g_{t-1} - g_C)) . (b_s exp(g_C - g_s)), row factors in [1, e^span]
-                up = tl.exp(-g_end)[None, :]                                # exp(-g_C)              [1, BK]
+                # factored about the chunk end g_end, as in step 5 of the chunked derivation:
+                # (a_t exp(g_{t-1} - g_end)) . (b_s exp(g_end - g_s)), row factors in [1, e^span]
+                up = tl.exp(-g_end)[None, :]                                # exp(-g_end)              [1, BK]
                 a_up, r_up = a_D * up, r_D * up
                 A_ab = tl.where(s_lt, tl.dot(a_up, tl.trans(b_E), input_precision="ieee"), 0.0)
                 A_ak = tl.where(s_lt, tl.dot(a_up, tl.trans(k_E), input_precision="ieee"), 0.0)
@@ -495,14 +495,14 @@ if HAS_TRITON:
                 A_rk = tl.where(s_le, tl.dot(r_up, tl.trans(k_E), input_precision="ieee"), 0.0)
             else:
                 # pairwise, one column s at a time: exp(g_t - g_s) = exp(w_{s+1} + ... + w_t) as a
-                # [C, BK] tile, -inf (so 0) where the matrix is zero
-                A_ab = tl.zeros([C, C], dtype=tl.float32)
-                A_ak = tl.zeros([C, C], dtype=tl.float32)
-                A_rb = tl.zeros([C, C], dtype=tl.float32)
-                A_rk = tl.zeros([C, C], dtype=tl.float32)
+                # [BT, BK] tile, -inf (so 0) where the matrix is zero
+                A_ab = tl.zeros([BT, BT], dtype=tl.float32)
+                A_ak = tl.zeros([BT, BT], dtype=tl.float32)
+                A_rb = tl.zeros([BT, BT], dtype=tl.float32)
+                A_rk = tl.zeros([BT, BT], dtype=tl.float32)
                 # (reloaded rather than kept: fewer registers live through the common path)
                 r, w, k, a, b, w_prev = _wkv7_load_chunk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_k, m_tk, o_t, H, K)
-                for s in range(0, C):
+                for s in range(0, BT):
                     at_s = (o_t == s)[:, None]
                     b_s = tl.sum(tl.where(at_s, b, 0.0), axis=0)[None, :]    # row s of b, k       [1, BK]
                     k_s = tl.sum(tl.where(at_s, k, 0.0), axis=0)[None, :]
@@ -519,19 +519,19 @@ if HAS_TRITON:
             # 2. L_inv = (I - A_ab)^{-1} by forward substitution: row t = e_t + sum_{s<t} A_ab[t, s] row s
             # (rows s >= t are still e_s there, but A_ab[t, s] = 0 for them)
             L_inv = eye
-            for i in range(1, C):
+            for i in range(1, BT):
                 at_i = (o_t == i)[:, None]
-                A_i = tl.sum(tl.where(at_i, A_ab, 0.0), axis=0)             # A_ab[i, :]             [C]
+                A_i = tl.sum(tl.where(at_i, A_ab, 0.0), axis=0)             # A_ab[i, :]             [BT]
                 row = tl.sum(A_i[:, None] * L_inv, axis=0) + tl.where(o_t == i, 1.0, 0.0)
                 L_inv = tl.where(at_i, row[None, :], L_inv)
-            # 2. U = L_inv (a_D S_0 + A_ak v)                                                       [C, BV]
+            # 2. U = L_inv (a_D S_0 + A_ak v)                                                       [BT, BV]
             rhs = tl.dot(a_D, S, input_precision="ieee") + tl.dot(A_ak, v, input_precision="ieee")
             U = tl.dot(L_inv, rhs, input_precision="ieee")
-            # 3. y = r_D S_0 + A_rb U + A_rk v                                                      [C, BV]
+            # 3. y = r_D S_0 + A_rb U + A_rk v                                                      [BT, BV]
             y = (tl.dot(r_D, S, input_precision="ieee") + tl.dot(A_rb, U, input_precision="ieee")
                  + tl.dot(A_rk, v, input_precision="ieee"))
             tl.store(y_ptr + p_v, y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None] & m_v[None, :])
-            # 4. S_C = D_C S_0 + b_E^T U + k_E^T v                                                  [BK, BV]
+            # 4. S_end = diag(exp(g_end)) S_0 + b_E^T U + k_E^T v                                                  [BK, BV]
             S = (tl.exp(g_end)[:, None] * S + tl.dot(tl.trans(b_E), U, input_precision="ieee")
                  + tl.dot(tl.trans(k_E), v, input_precision="ieee"))
 
@@ -549,15 +549,15 @@ def _is_pow2(n) -> bool:
     return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
 
 
-def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto", chunk_size: int = 16,
+def wkv7_triton(r, w, k, v, a, b, S0=None, path: str = "auto", chunk_size: int = 16,
                 max_factored_span: float = 60.0, block_v: int = 32, num_warps: int = 8):
     """The forward pass as two Triton kernels; same signature and meaning as `wkv7_naive`.
 
     path               "auto" (the recurrent kernel for T < chunk_size, else the chunked one),
                        "chunked" or "recurrent".
-    chunk_size         C, tokens per chunk of the chunked kernel: a power of two >= 16 (tl.dot
+    chunk_size         BT, tokens per chunk of the chunked kernel: a power of two >= 16 (tl.dot
                        needs every dimension >= 16).
-    max_factored_span  the largest total decay of a chunk that takes the factored path (below).
+    max_factored_span  the largest total decay of a chunk that takes the factored path (step 5).
     block_v            BV, value columns per program (at most): a power of two >= 16.
     num_warps          of the chunked kernel; 8 gives the fewest register spills for ptxas sm_90 at
                        head sizes 64 and 96.
@@ -566,40 +566,21 @@ def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto", chunk_size: in
     block S [K, BV] kept in registers (float32) from the first token to the last; both start
     with `_wkv7_program_start` (offsets, masks, S_0):
 
-      - `_wkv7_fwd_recurrent_kernel` (decode, T < C): the recurrence itself, token by token:
-            u = S^T a_t;  S = diag(exp(w_t)) S + b_t u^T + k_t v_t^T;  y_t = S^T r_t.
-      - `_wkv7_fwd_chunked_kernel` (prefill): C = 16 tokens per step, the chunked form derived
-        in the derivation that opens the chunked section (steps 0-4, same names). Per chunk, with S_0 the state
-        entering it:
-            0. g_t = w_1 + ... + w_t,  D_t = diag(exp(g_t))
-            2. U = (I - A_ab)^{-1} (a_D S_0 + A_ak v)          (the rows u_t = S_{t-1}^T a_t)
-            3. y = r_D S_0 + A_rb U + A_rk v
-            4. S_C = D_C S_0 + b_E^T U + k_E^T v
-        A_ab[t, s] = sum_k a_t b_s exp(g_{t-1} - g_s) (s < t), A_ak alike with k_s; A_rb, A_rk with
-        r_t and exp(g_t - g_s) (s <= t); a_D[t] = a_t exp(g_{t-1}), r_D[t] = r_t exp(g_t),
-        b_E[s] = b_s exp(g_C - g_s), k_E alike. (I - A_ab)^{-1} comes from forward substitution
-        over the C rows of the unit lower-triangular matrix; it does not depend on S_0.
-        Unlike `wkv7_chunked`, nothing is computed for all chunks at once: each program walks its
-        chunks in order and does steps 2-4 for one chunk before the next.
+      - `_wkv7_fwd_recurrent_kernel` (decode, T < chunk_size): the recurrence itself, token by
+        token, as `wkv7_naive`.
+      - `_wkv7_fwd_chunked_kernel` (prefill): steps 0, 2, 3 and 4 of the derivation that opens
+        the chunked section (same names), for one chunk of BT tokens after another, inside the
+        program: no stage runs for all chunks at once as in `wkv7_chunked`. (I - A_ab)^{-1} comes
+        from forward substitution over the BT rows.
 
-    Numerics (float32 throughout; every tl.dot is input_precision="ieee", so no TF32 rounding):
-      - Every exponent is a sum of the w's it spans, never a difference of two running sums:
-        g_t, g_{t-1} and g_C - g_t are inclusive/exclusive scans of w, of w shifted by one token,
-        and a reverse scan. Their rounding is relative to the decay they describe.
-      - a_D, r_D, b_E, k_E, D_C have exponents <= 0: factors in [0, 1], any decay.
-      - The four C x C matrices need exp(g_t - g_s) split into a row and a column factor for a
-        tl.dot. The split is about the chunk's end g_C, as in step 5 of that derivation: exact (no
-        overflow, no underflow of a factor that matters) while the chunk's total decay
-        span = max_k(-g_C) <= max_factored_span = 60, i.e. for any w >= -3.75 per step at C = 16.
-        hxa079's w is in [-exp(-0.5), 0) = [-0.61, 0): its span is at most 9.7, so it always
-        takes this path.
-      - A chunk over that span (e.g. w = -30 per step) is not an error and not garbage: the kernel
-        branches, for that chunk only, to a pairwise form that builds each column s of the four
-        matrices from exp(sum_{s<j<=t} w_j) as a [C, BK] tile (exponents <= 0, masked to -inf
-        above the diagonal): exact for any decay, about C times the elementwise work.
+    Numerics: step 5, in float32, with every tl.dot at input_precision="ieee" (no TF32). Two
+    differences from `wkv7_chunked`: g_t, g_{t-1} and g_end - g_t are each a scan of the w's they
+    span (never a difference of two running sums); and a chunk over max_factored_span (60: any
+    w >= -3.75 per token at BT = 16; hxa079's span is at most 9.7) builds each column s of the
+    four matrices from exp(w_{s+1} + ... + w_t) as a [BT, BK] tile, exact for any decay.
 
     Dtypes: r, w, k, v, a, b float32, bfloat16 or float16 (loaded and computed in float32); y in
-    the inputs' dtype; state float32 in and out. float64 inputs raise a ValueError (use
+    the inputs' dtype; S0 and S_T float32. float64 inputs raise a ValueError (use
     impl="naive" or "chunked" for float64). Head sizes: any K, V (64, 96, 24, ...): tiles are
     the next power of two (at least 16) and the loads/stores are masked.
 
@@ -609,11 +590,11 @@ def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto", chunk_size: in
     Device: CUDA tensors; or CPU tensors when the kernels were made for Triton's interpreter
     (TRITON_INTERPRET=1 set before this module was imported; TRITON_INTERPRETED says so).
     """
-    check_wkv7_inputs(r, w, k, v, a, b, state)
+    check_wkv7_inputs(r, w, k, v, a, b, S0)
     if r.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"wkv7_triton: inputs must be float32, bfloat16 or float16, got {r.dtype} "
                          f"(the kernels accumulate in float32; use impl='naive' or 'chunked' for float64)")
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, w, k, v, a, b, state)):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, w, k, v, a, b, S0)):
         raise RuntimeError("wkv7_triton: forward only, there is no backward; use impl='chunked' or 'naive' "
                            "for gradients, or call it under torch.no_grad()")
     if path not in ("auto", "chunked", "recurrent"):
@@ -635,13 +616,13 @@ def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto", chunk_size: in
     V = v.shape[-1]
     sT = torch.empty(B, H, K, V, dtype=torch.float32, device=r.device)
     if T == 0:
-        if state is None:
+        if S0 is None:
             sT.zero_()
         else:
-            sT.copy_(state)
+            sT.copy_(S0)
         return v.new_empty(B, 0, H, V), sT
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-    s0 = sT if state is None else state.contiguous()                      # unread when state is None
+    s0 = sT if S0 is None else S0.contiguous()                      # unread when S0 is None
     # Triton's interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest
     # even): there, y is stored in float32 and rounded by torch below.
     y_dtype = torch.float32 if (TRITON_INTERPRETED and r.dtype == torch.bfloat16) else r.dtype
@@ -651,10 +632,10 @@ def wkv7_triton(r, w, k, v, a, b, state=None, path: str = "auto", chunk_size: in
     grid = (triton.cdiv(V, BV), B * H)
     if path == "recurrent" or (path == "auto" and T < chunk_size):
         _wkv7_fwd_recurrent_kernel[grid](r, w, k, v, a, b, s0, y, sT, T, H=H, K=K, V=V, BK=BK, BV=BV,
-                                         HAS_S0=state is not None)
+                                         HAS_S0=S0 is not None)
     else:
-        _wkv7_fwd_chunked_kernel[grid](r, w, k, v, a, b, s0, y, sT, T, H=H, K=K, V=V, C=chunk_size,
-                                       BK=BK, BV=BV, HAS_S0=state is not None,
+        _wkv7_fwd_chunked_kernel[grid](r, w, k, v, a, b, s0, y, sT, T, H=H, K=K, V=V, BT=chunk_size,
+                                       BK=BK, BV=BV, HAS_S0=S0 is not None,
                                        MAX_SPAN=float(max_factored_span), num_warps=num_warps)
     return y.to(r.dtype), sT
 
@@ -677,10 +658,10 @@ def pick_impl(r, *others) -> str:
     return "naive" if r.shape[1] <= 1 else "chunked"
 
 
-def wkv7(r, w, k, v, a, b, state=None, impl: str = "auto"):
+def wkv7(r, w, k, v, a, b, S0=None, impl: str = "auto"):
     """y, S_T = WKV-7 via the chosen form ("auto", or a key of IMPLS)."""
     if impl == "auto":
-        impl = pick_impl(r, w, k, v, a, b, state)
+        impl = pick_impl(r, w, k, v, a, b, S0)
     if impl not in IMPLS:
         raise ValueError(f"wkv7: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLS)}")
-    return IMPLS[impl](r, w, k, v, a, b, state)
+    return IMPLS[impl](r, w, k, v, a, b, S0)

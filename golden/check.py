@@ -1,18 +1,19 @@
 """
 Check a port against the golden vectors (README.md in this folder).
 
-    python golden/check.py wkv MODULE:FUNCTION [--dtype float32]
-        calls FUNCTION(r, w, k, v, a, b, state) -> (y, S_T) on every case of wkv.safetensors (inputs cast
-        to --dtype, the state to float32, or float64 with --dtype float64) and compares y and S_T
+    python golden/check.py wkv MODULE:FUNCTION [--dtype float32] [--numpy]
+        calls FUNCTION(r, w, k, v, a, b, S0) -> (y, S_T) on every case of wkv.safetensors (inputs cast
+        to --dtype, S0 to float32, or float64 with --dtype float64; torch tensors, or NumPy arrays with
+        --numpy) and compares y and S_T (tensors or arrays)
     python golden/check.py model CASE_DIR PORT.safetensors [--dtype float32]
         compares the tensors the port wrote (logits, and any of split_logits, state.*) with
         CASE_DIR/vectors.safetensors
 
 A tensor passes when max |port - golden| / max |golden| <= the tolerance of --dtype. A failing tensor
 that lies within that tolerance of a known wrong variant's numbers is reported by the variant's name.
-Exit status: 0 all passed, 1 something failed, 2 bad command line or unreadable file.
+Exit status: 0 all passed, 1 something failed, 2 bad command line or unreadable file (one line
+`error: ...`, the convention of the project's commands, command_line.py).
 """
-import argparse
 import importlib
 import os
 import sys
@@ -21,21 +22,11 @@ import torch
 from safetensors import safe_open
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+from command_line import ArgumentParser, UsageError, run_command  # noqa: E402
 # max |x - golden| / max |golden| a port must reach, by the dtype it computes in (README: "Tolerances")
 TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-1}
 WKV_TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2}
-
-
-class UsageError(Exception):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: ...' on stderr, exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def rel(x, ref) -> float:
@@ -92,8 +83,9 @@ def load_function(spec: str):
         raise UsageError(f"wkv: cannot load {spec!r} ({type(e).__name__}: {e})") from None
 
 
-def check_wkv(fn, dtype: str) -> list:
-    """fn: a function f(r, w, k, v, a, b, state) -> (y, S_T), or 'module:function'."""
+def check_wkv(fn, dtype: str, numpy: bool = False) -> list:
+    """fn: a function f(r, w, k, v, a, b, S0) -> (y, S_T), or 'module:function'; numpy: pass it
+    NumPy arrays instead of torch tensors. It may return tensors or arrays."""
     fn = load_function(fn) if isinstance(fn, str) else fn
     fn_name = getattr(fn, "__name__", "the function")
     golden = read(os.path.join(HERE, "wkv.safetensors"))
@@ -102,14 +94,16 @@ def check_wkv(fn, dtype: str) -> list:
     names, results = variant_names(), []
     for case in sorted({k.split(".")[0] for k in golden}):
         g = {k.split(".", 1)[1]: t for k, t in golden.items() if k.startswith(case + ".")}
-        args = [g[n].to(dt) for n in ("r", "w", "k", "v", "a", "b")]
+        args = [g[n].to(dt) for n in ("r", "w", "k", "v", "a", "b")] + [g["S_0"].to(sdt)]
+        if numpy:                                                   # NumPy has no bfloat16: float32 holds it exactly
+            args = [x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy() for x in args]
         try:
-            y, S = fn(*args, g["S_0"].to(sdt))
+            y, S = fn(*args)
         except Exception as e:
             results.append((False, f"FAIL {case}: {fn_name} raised {type(e).__name__}: {e}"))
             continue
         for name, got in (("y", y), ("S_T", S)):
-            ok, line = compare(name, got.detach().cpu(), g, WKV_TOLERANCES[dtype], names)
+            ok, line = compare(name, torch.as_tensor(got).detach().cpu(), g, WKV_TOLERANCES[dtype], names)
             results.append((ok, f"{case}: {line}"))
     return results
 
@@ -136,10 +130,11 @@ def check_model(case_dir: str, port_file, dtype: str) -> list:
     return results
 
 
-def main(argv=None) -> int:
-    ap = Parser(prog="golden/check.py", description=__doc__.strip().splitlines()[0])
-    sub = ap.add_subparsers(dest="what", required=True, parser_class=Parser)
-    w = sub.add_parser("wkv", help="a WKV kernel f(r, w, k, v, a, b, state) -> (y, S_T) on wkv.safetensors")
+def _run(argv) -> int:
+    ap = ArgumentParser(prog="golden/check.py", description=__doc__.strip().splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True, parser_class=ArgumentParser)
+    w = sub.add_parser("wkv", help="a WKV kernel f(r, w, k, v, a, b, S0) -> (y, S_T) on wkv.safetensors")
+    w.add_argument("--numpy", action="store_true", help="pass NumPy arrays instead of torch tensors")
     w.add_argument("function", metavar="MODULE:FUNCTION")
     m = sub.add_parser("model", help="a port's logits (and state) against a golden case")
     m.add_argument("case_dir", metavar="CASE_DIR")
@@ -148,12 +143,8 @@ def main(argv=None) -> int:
         p.add_argument("--dtype", choices=sorted(TOLERANCES), default="float32",
                        help="the dtype the port computes in: picks the tolerance (default float32)")
     args = ap.parse_args(argv)
-    try:
-        results = (check_wkv(args.function, args.dtype) if args.what == "wkv"
-                   else check_model(args.case_dir, args.port_file, args.dtype))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = (check_wkv(args.function, args.dtype, args.numpy) if args.what == "wkv"
+               else check_model(args.case_dir, args.port_file, args.dtype))
     for _, line in results:
         print(line)
     failed = sum(not ok for ok, _ in results)
@@ -163,6 +154,11 @@ def main(argv=None) -> int:
         print("the failing numbers match known wrong variant(s): " + "; ".join(named) + " (golden/README.md)")
     print(f"{len(results) - failed} passed, {failed} failed ({args.dtype} tolerance)")
     return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    """The checker's command line (bad input: one line `error: ...`, exit status 2)."""
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

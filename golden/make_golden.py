@@ -55,48 +55,28 @@ def bf16_exact(x):
 
 
 def shapes(c: dict) -> dict:
-    """{name: shape} of an hxa079 checkpoint in HF layout (SPEC.md, "Tensor names")."""
-    C, L, H, KV, N, _, _, gqa_layers = hrwkv7_loop.sizes(c)
-    A, K, I, V = H * N, KV * N, c["intermediate_size"], c["vocab_size"]
-    out = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
-    if not c["tie_word_embeddings"]:
-        out["lm_head.weight"] = (V, C)
-    for i in range(L):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
-                    p + "mlp.gate_proj.weight": (I, C), p + "mlp.up_proj.weight": (I, C),
-                    p + "mlp.down_proj.weight": (C, I)})
-        p += "self_attn."
-        proj = ("q_proj", "k_proj", "v_proj", "o_proj") if i in gqa_layers else ("receptance", "key", "value", "output")
-        out.update({p + proj[0] + ".weight": (A, C), p + proj[1] + ".weight": (K, C),
-                    p + proj[2] + ".weight": (K, C), p + proj[3] + ".weight": (C, A)})
-        if c["attention_bias"]:
-            out.update({p + proj[0] + ".bias": (A,), p + proj[1] + ".bias": (K,), p + proj[2] + ".bias": (K,)})
-        if c["enable_qk_norm"]:
-            out.update({p + ("q_norm" if i in gqa_layers else "r_norm") + ".weight": (N,), p + "k_norm.weight": (N,)})
-        if i not in gqa_layers:
-            for x, size, rank in (("w", A, "decay"), ("a", A, "iclr"), ("v", K, "value_residual_mix"),
-                                  ("k", K, "key_residual_mix")):
-                D = c["lora_rank_" + rank]
-                out.update({p + x + "0": (1, 1, size), p + x + "1": (C, D), p + x + "2": (D, size)})
-            out.update({p + "g1": (C, c["lora_rank_gate"]), p + "g2": (c["lora_rank_gate"], A), p + "r_k": (H, N)})
-    return out
+    """{name: shape} of an hxa079 checkpoint in HF layout (SPEC.md §8): the state dict of the model
+    built on the meta device (no memory, nothing drawn)."""
+    from hrwkv7_ref import HRWKV7Config, HRWKV7ForCausalLM
+    with torch.device("meta"):
+        model = HRWKV7ForCausalLM(HRWKV7Config.from_dict(c))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def random_weights(c: dict, seed: int) -> dict:
     """float32 tensors holding bfloat16 numbers, unit-scale activations; w0 spread so that the
-    per-token decays exp(-exp(w)) range from about 0.55 to 0.998."""
+    per-token decay factors exp(w) = exp(-exp(w_pre)) range from about 0.55 to 0.998."""
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for name, shape in sorted(shapes(c).items()):
         leaf = name.rsplit(".", 1)[-1] if not name.endswith(("weight", "bias")) else name.rsplit(".", 2)[-2]
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        if name.endswith("norm.weight"):
             x = 1 + 0.1 * x
         elif name.endswith(".w0"):
             x = -6 + 7 * torch.rand(shape, generator=gen, dtype=torch.float64)
         elif name.endswith((".a0", ".v0", ".k0")) or leaf == "embed_tokens":
-            x = x
+            pass                                                # unit scale
         elif name.endswith((".w1", ".w2", ".a1", ".a2", ".v1", ".v2", ".k1", ".k2", ".g1", ".g2", ".r_k")):
             x = 0.3 * x
         elif name.endswith(".bias"):
@@ -120,11 +100,11 @@ def split_run(run, config, sd, ids):
 def state_tensors(state) -> dict:
     """A loop state as flat safetensors names (README: "state.*")."""
     out = {"state.pos": torch.tensor([state["pos"]], dtype=torch.int64)}
-    for i, s in enumerate(state["layers"]):
+    for i, s in enumerate(state["per_layer"]):
         if isinstance(s, tuple):
-            out[f"state.layers.{i}.k_cache"], out[f"state.layers.{i}.v_cache"] = s
+            out[f"state.per_layer.{i}.k_cache"], out[f"state.per_layer.{i}.v_cache"] = s
         else:
-            out[f"state.layers.{i}.S"] = s
+            out[f"state.per_layer.{i}.S"] = s
     return out
 
 
@@ -184,11 +164,11 @@ def make_wkv(out_dir: str):
     for name, (B, T, H, N, with_state, seed) in WKV_CASES.items():
         x = wkv_inputs(B, T, H, N, with_state, seed)
         args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
-        y, S = hrwkv7_loop.wkv7(*args, x["S_0"])
+        y, S = hrwkv7_loop.wkv7_float64(*args, x["S_0"])
         vec.update({f"{name}.{n}": t for n, t in x.items()})
         vec[f"{name}.y"], vec[f"{name}.S_T"] = y, S
         for slug in variants.WKV_VARIANTS:
-            vy, vS = variants.load(slug).wkv7(*args, x["S_0"])
+            vy, vS = variants.load(slug).wkv7_float64(*args, x["S_0"])
             for key, t, ref in (("y", vy, y), ("S_T", vS, S)):
                 if rel(t, ref) > SHOWS:
                     vec[f"{name}.{key}__{slug}"] = t

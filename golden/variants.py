@@ -2,8 +2,8 @@
 Known wrong variants of hxa079, each one small change to the per-token definition hrwkv7_loop.py.
 
 A variant is a list of (line in hrwkv7_loop.py, what a wrong port writes instead); `load(slug)` applies
-the replacements to the loop's source and returns the changed copy as a module (the same `run`,
-`logits` and `wkv7`). Each replaced text must occur exactly once in the loop, so a change to the loop
+the replacements to the loop's source and returns the changed copy as a module (the same `run`
+and `wkv7_float64`). Each replaced text must occur exactly once in the loop, so a change to the loop
 that a variant no longer fits is an error here, not a silent no-op.
 
 make_golden.py stores each variant's numbers beside the right ones where they differ
@@ -19,26 +19,26 @@ LOOP = os.path.join(HERE, "..", "hrwkv7_loop.py")
 VARIANTS = {
     "key_iclr_minus_decay": (
         "key scaled by iclr - decay",
-        "k = k + k * (iclr - decay) with decay = exp(-exp(w)), instead of k * (1 - w + iclr) with the "
-        "log-space pre-decay w",
+        "k = k + k * (iclr - decay) with decay = exp(w) = exp(-exp(w_pre)), instead of "
+        "k * (1 - w_pre + iclr) with the pre-decay w_pre",
         "OpenMOSE/llama.cpp src/models/rwkv07d.cpp (llm_build_rwkv07d)",
-        [("k_h = k_h * (1 - w[:, hh] + iclr[:, hh])",
-          "k_h = k_h + k_h * (iclr[:, hh] - torch.exp(-torch.exp(w[:, hh])))")]),
+        [("k_h = k_h * (1 - w_pre[:, hh] + iclr[:, hh])",
+          "k_h = k_h + k_h * (iclr[:, hh] - torch.exp(w[:, hh]))")]),
     "first_from_layer0": (
         "v_first/k_first from layer 0",
         "v_first, k_first taken at layer 0 even when layer 0 is a GQA layer (its v_proj / k_proj "
         "outputs), instead of at the first RWKV layer",
         "OpenMOSE/llama.cpp src/models/rwkv07d.cpp sets them only when il == 0",
-        [("out, layers[i] = gqa(p + \"self_attn.\", g, h, layers[i], eps, H, KV, N, qk_norm)",
-          "out, layers[i] = gqa(p + \"self_attn.\", g, h, layers[i], eps, H, KV, N, qk_norm)\n"
-          "                first = (layers[i][1][:, :, -1], layers[i][0][:, :, -1]) if i == 0 else first")]),
+        [("out, per_layer[i] = gqa(p + \"self_attn.\", g, h, per_layer[i], eps, H, KV, N, qk_norm)",
+          "out, per_layer[i] = gqa(p + \"self_attn.\", g, h, per_layer[i], eps, H, KV, N, qk_norm)\n"
+          "                first = (per_layer[i][1][:, :, -1], per_layer[i][0][:, :, -1]) if i == 0 else first")]),
     "state_transposed": (
         "state transposed ([V, K])",
         "the WKV state kept as [V, K] (the RWKV CUDA kernels' layout) where hxa079's is [K, V]: "
         "an initial state read transposed, a final state written transposed",
         "RWKV-7 CUDA kernels (state[v][k]); fla and the official hxa079 engine use [K, V]",
-        [("S = torch.exp(logw)[:, :, None] * S + b[:, :, None] * (a[:, None, :] @ S) + k[:, :, None] * v[:, None, :]",
-          "S = torch.exp(logw)[:, None, :] * S + (S @ a[:, :, None]) * b[:, None, :] + v[:, :, None] * k[:, None, :]"),
+        [("S = torch.exp(w)[:, :, None] * S + b[:, :, None] * (a[:, None, :] @ S) + k[:, :, None] * v[:, None, :]",
+          "S = torch.exp(w)[:, None, :] * S + (S @ a[:, :, None]) * b[:, None, :] + v[:, :, None] * k[:, None, :]"),
          ("y = (r[:, None, :] @ S)[:, 0]", "y = (S @ r[:, :, None])[..., 0]")]),
     "rope_in_gqa": (
         "RoPE applied in the GQA layers",
@@ -49,8 +49,8 @@ VARIANTS = {
           "    cache = (torch.cat([cache[0], k[:, :, None]], 2), torch.cat([cache[1], v[:, :, None]], 2))"),
          ("def gqa(p, g, h, cache, eps, H, KV, N, qk_norm):",
           "def gqa(p, g, h, cache, eps, H, KV, N, qk_norm, theta):"),
-         ("out, layers[i] = gqa(p + \"self_attn.\", g, h, layers[i], eps, H, KV, N, qk_norm)",
-          "out, layers[i] = gqa(p + \"self_attn.\", g, h, layers[i], eps, H, KV, N, qk_norm, theta)")]),
+         ("out, per_layer[i] = gqa(p + \"self_attn.\", g, h, per_layer[i], eps, H, KV, N, qk_norm)",
+          "out, per_layer[i] = gqa(p + \"self_attn.\", g, h, per_layer[i], eps, H, KV, N, qk_norm, theta)")]),
     "token_shift": (
         "token shift kept",
         "RWKV-7's token shift kept: the time-mix reads x + (x_prev - x) * mu (planted with mu = 0.5 for "
@@ -61,7 +61,8 @@ VARIANTS = {
          ("            else:\n                out, first = time_mix(",
           "            else:\n                h, shift[i] = h + (shift.get(i, 0 * h) - h) * 0.5, h\n"
           "                out, first = time_mix("),
-         ("{\"layers\": layers, \"pos\": pos0 + T}", "{\"layers\": layers, \"pos\": pos0 + T, \"shift\": shift}")]),
+         ("{\"per_layer\": per_layer, \"pos\": pos0 + T}",
+          "{\"per_layer\": per_layer, \"pos\": pos0 + T, \"shift\": shift}")]),
     "groupnorm": (
         "GroupNorm kept on the time-mix output",
         "RWKV-7's per-head GroupNorm (eps 64e-5, unit weight) on the WKV output in place of the N^-0.5 "
@@ -73,14 +74,14 @@ VARIANTS = {
         "bonus computed with the unscaled key",
         "the bonus sum(r * k * r_k) * v taken with k before k * (1 - w + iclr)",
         "",
-        [("k_h = k_h * (1 - w[:, hh] + iclr[:, hh])", "k_raw, k_h = k_h, k_h * (1 - w[:, hh] + iclr[:, hh])"),
+        [("k_h = k_h * (1 - w_pre[:, hh] + iclr[:, hh])", "k_raw, k_h = k_h, k_h * (1 - w_pre[:, hh] + iclr[:, hh])"),
          ("(r[:, hh] * k_h * g(p + \"r_k\")[hh])", "(r[:, hh] * k_raw * g(p + \"r_k\")[hh])")]),
     "decay_after_write": (
         "decay applied after the write",
-        "S' = diag(exp(logw)) (S + b (a^T S) + k v^T) instead of diag(exp(logw)) S + b (a^T S) + k v^T",
+        "S' = diag(exp(w)) (S + b (a^T S) + k v^T) instead of diag(exp(w)) S + b (a^T S) + k v^T",
         "",
-        [("S = torch.exp(logw)[:, :, None] * S + b[:, :, None] * (a[:, None, :] @ S) + k[:, :, None] * v[:, None, :]",
-          "S = torch.exp(logw)[:, :, None] * (S + b[:, :, None] * (a[:, None, :] @ S)"
+        [("S = torch.exp(w)[:, :, None] * S + b[:, :, None] * (a[:, None, :] @ S) + k[:, :, None] * v[:, None, :]",
+          "S = torch.exp(w)[:, :, None] * (S + b[:, :, None] * (a[:, None, :] @ S)"
           " + k[:, :, None] * v[:, None, :])")]),
 }
 
@@ -100,7 +101,7 @@ def source(slug: str) -> str:
 
 
 def load(slug: str) -> types.ModuleType:
-    """The per-token loop with the variant planted, as a module (run, logits, wkv7)."""
+    """The per-token loop with the variant planted, as a module (run, wkv7_float64)."""
     if slug not in VARIANTS:
         raise KeyError(f"unknown variant {slug!r}; known: {', '.join(VARIANTS)}")
     mod = types.ModuleType(f"hrwkv7_loop__{slug}")
