@@ -86,6 +86,8 @@ def load_function(spec: str):
 def check_wkv(fn, dtype: str, numpy: bool = False) -> list:
     """fn: a function f(r, w, k, v, a, b, S0) -> (y, S_T), or 'module:function'; numpy: pass it
     NumPy arrays instead of torch tensors. It may return tensors or arrays."""
+    if numpy and dtype == "bfloat16":
+        raise UsageError("wkv: --numpy with --dtype bfloat16: NumPy has no bfloat16")
     fn = load_function(fn) if isinstance(fn, str) else fn
     fn_name = getattr(fn, "__name__", "the function")
     golden = read(os.path.join(HERE, "wkv.safetensors"))
@@ -95,8 +97,8 @@ def check_wkv(fn, dtype: str, numpy: bool = False) -> list:
     for case in sorted({k.split(".")[0] for k in golden}):
         g = {k.split(".", 1)[1]: t for k, t in golden.items() if k.startswith(case + ".")}
         args = [g[n].to(dt) for n in ("r", "w", "k", "v", "a", "b")] + [g["S_0"].to(sdt)]
-        if numpy:                                                   # NumPy has no bfloat16: float32 holds it exactly
-            args = [x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy() for x in args]
+        if numpy:
+            args = [x.numpy() for x in args]
         try:
             y, S = fn(*args)
         except Exception as e:
