@@ -83,7 +83,7 @@ def cat_time(model, state, repeats: int = 20) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for s in state.layers:
+        for s in state.per_layer:
             if isinstance(s, tuple):
                 torch.cat([s[0], s[0][:, :, :1]], dim=2), torch.cat([s[1], s[1][:, :, :1]], dim=2)
         times.append(time.perf_counter() - t0)

@@ -221,9 +221,9 @@ _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_he
 
 def _infer_from_shapes(shapes: dict):
     """What the shapes say about the config: (values, evidence, geometry). values: config fields;
-    evidence: the tensor each was read from; geometry: A = H*N and K = KV*N (projection widths) and the
+    evidence: the tensor each was read from; geometry: A = H*N and D = KV*N (projection widths) and the
     head size N where a 2-D r_k or a per-head norm shows it, each None when no tensor shows it."""
-    got, why, geo = {}, {}, {"A": None, "K": None, "N": None}
+    got, why, geo = {}, {}, {"A": None, "D": None, "N": None}
 
     def desc(key):
         return f"{key} {list(shapes[key])}"
@@ -267,7 +267,7 @@ def _infer_from_shapes(shapes: dict):
         q, k = (attn(i, "q_proj.weight"), attn(i, "k_proj.weight")) if i in gqa else (
             attn(i, "receptance.weight"), attn(i, "key.weight"))
         if first([q], 2) and first([k], 2):
-            geo["A"], geo["K"], why["widths"] = shapes[q][0], shapes[k][0], f"{desc(q)} and {desc(k)}"
+            geo["A"], geo["D"], why["widths"] = shapes[q][0], shapes[k][0], f"{desc(q)} and {desc(k)}"
             break
     return got, why, geo
 
@@ -295,17 +295,17 @@ def resolve_config(shapes: dict, given: Optional[dict], where: str) -> HRWKV7Con
     hidden, heads = given.get("hidden_size", got.get("hidden_size")), given.get("num_attention_heads")
     given_n = given.get("head_dim", hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
                         and heads > 0 else None)
-    A, K, N = geo["A"], geo["K"], geo["N"]
+    A, D, N = geo["A"], geo["D"], geo["N"]
     if N is None:
         N = given_n
     else:
         check("head_dim", N, given_n, why["head_dim"] if "head_dim" in given else
               f"{why['head_dim']}; without head_dim the config implies hidden_size // num_attention_heads")
     if isinstance(N, int) and N > 0 and A is not None:
-        if A % N or K % N:
-            raise ValueError(f"{where}: head size {N} does not divide the projection widths {A} and {K} "
+        if A % N or D % N:
+            raise ValueError(f"{where}: head size {N} does not divide the projection widths {A} and {D} "
                              f"({why['widths']})")
-        for field, value in (("num_attention_heads", A // N), ("num_key_value_heads", K // N)):
+        for field, value in (("num_attention_heads", A // N), ("num_key_value_heads", D // N)):
             if field not in got:
                 got[field], why[field] = value, f"{why['widths']}, head size {N}"
                 check(field, value, given.get(field), why[field])
@@ -541,7 +541,7 @@ def hxa079_init(name: str, layer: int, cfg: HRWKV7Config, seed: int = 0) -> torc
     Each random matrix draws from its own generator seeded by (seed, layer, name), so the result does
     not depend on the order tensors are produced in."""
     H, N, L = cfg.num_attention_heads, cfg.head_size, cfg.num_hidden_layers
-    A, K = H * N, cfg.num_key_value_heads * N
+    A, D = H * N, cfg.num_key_value_heads * N
     n = torch.arange(A, dtype=torch.float64)
     z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
     zigzag, linear = z * z.abs(), n / (A - 1) - 0.5
@@ -551,14 +551,14 @@ def hxa079_init(name: str, layer: int, cfg: HRWKV7Config, seed: int = 0) -> torc
     elif name == "a0":
         val = -0.19 + 0.3 * zigzag + 0.4 * linear
     elif name in ("v0", "k0"):
-        val = torch.full((K,), 0.73, dtype=torch.float64)
+        val = torch.full((D,), 0.73, dtype=torch.float64)
     elif name == "r_k":
         return torch.full((H, N), -0.04)
     elif name in _RANKS:                                         # w1, a1, v1, k1, g1
         return torch.zeros(cfg.hidden_size, getattr(cfg, HXA079_LORA[name]))
     elif name in HXA079_LORA:                                    # w2, a2, v2, k2, g2
         rows = getattr(cfg, HXA079_LORA[name])
-        cols = K if name in ("v2", "k2") else A
+        cols = D if name in ("v2", "k2") else A
         digest = hashlib.sha256(f"hxa079-init/{seed}/{layer}/{name}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         gain = math.sqrt(rows / cols) if rows > cols else 1.0

@@ -215,7 +215,8 @@ if __name__ == "__main__":
     got, state = run(config, sd, ids[:, :6])
     got2, state = run(config, sd, ids[:, 6:], state)
     err = max((a - b).abs().max().item() / b.abs().max().item() for a, b in ((got, want), (got2, want2)))
-    serr = max((a - b).abs().max().item() / b.abs().max().item() for s, r in zip(state["per_layer"], ref_state.per_layer)
+    serr = max((a - b).abs().max().item() / b.abs().max().item()
+               for s, r in zip(state["per_layer"], ref_state.per_layer)
                for a, b in zip(s if isinstance(s, tuple) else [s], r if isinstance(r, tuple) else [r]))
     print(f"hrwkv7_loop vs hrwkv7_ref (float64, GQA at layers 0 and 2, q/k norm, biases, prefill 6 + 3 "
           f"tokens): max |error| / max |value|: logits {err:.1e}, state {serr:.1e}")

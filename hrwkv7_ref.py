@@ -531,7 +531,8 @@ class HRWKV7ForCausalLM(nn.Module):
         if not isinstance(state, HRWKV7State):
             raise ValueError(f"state must be an HRWKV7State, got {type(state).__name__}")
         if len(state.per_layer) != len(layout):
-            raise ValueError(f"state.per_layer has {len(state.per_layer)} entries, the model has {len(layout)} layers")
+            raise ValueError(f"state.per_layer has {len(state.per_layer)} entries, the model has "
+                             f"{len(layout)} layers")
         for i, (s, (kind, want, dtype)) in enumerate(zip(state.per_layer, layout)):
             if s is None:
                 if kind == "GQA" and state.pos != 0:

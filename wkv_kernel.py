@@ -531,7 +531,7 @@ if HAS_TRITON:
             y = (tl.dot(r_D, S, input_precision="ieee") + tl.dot(A_rb, U, input_precision="ieee")
                  + tl.dot(A_rk, v, input_precision="ieee"))
             tl.store(y_ptr + p_v, y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None] & m_v[None, :])
-            # 4. S_end = diag(exp(g_end)) S_0 + b_E^T U + k_E^T v                                                  [BK, BV]
+            # 4. S_end = diag(exp(g_end)) S_0 + b_E^T U + k_E^T v                                  [BK, BV]
             S = (tl.exp(g_end)[:, None] * S + tl.dot(tl.trans(b_E), U, input_precision="ieee")
                  + tl.dot(tl.trans(k_E), v, input_precision="ieee"))
 
