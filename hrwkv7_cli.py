@@ -17,7 +17,7 @@ is text, not a special token); nothing of it is printed (TextStream holds back s
 could still become a stop string), and generation ends with the token that completes it.
 
 Bad input, one convention for both commands (`hrwkv7` here and `hrwkv7-convert` / `python convert.py`,
-through run_command): a bad path, repo id, dtype, device or argument is one line `error: ...` naming
+through command_line.run_command): a bad path, repo id, dtype, device or argument is one line `error: ...` naming
 it on stderr and exit status 2, no traceback; `--debug` shows the traceback instead.
 """
 from __future__ import annotations
