@@ -797,7 +797,11 @@ def dispatch_checkpoint(model: nn.Module, ckpt_dir, device_map, dtype, offload_f
     {module name: device}), with accelerate: infer_auto_device_map keeps each DecoderLayer whole,
     load_checkpoint_and_dispatch reads the shards, casts to dtype, offloads "disk" modules to
     offload_folder and hooks every placed module so its inputs move to its device."""
-    from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
+    try:
+        from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
+    except ImportError:
+        raise ImportError("device_map places layers with accelerate, which is not installed "
+                          "(pip install accelerate)") from None
     if device_map == "auto":
         device_map = infer_auto_device_map(model, no_split_module_classes=["DecoderLayer"], dtype=dtype)
     if not isinstance(device_map, dict):

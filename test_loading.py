@@ -1124,7 +1124,7 @@ def test_a_missing_optional_package_is_one_line_exit_2(tmp_path, capsys, monkeyp
             command(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2, (argv, err)
-        one_error_line(err, package)
+        one_error_line(err, package, f"pip install {package}")
 
 
 # =================================================================================================

@@ -358,7 +358,7 @@ def _compiled_stages():
 def wkv7_compiled(r, w, k, v, a, b, S0=None, chunk_size: int = 64, max_factored_span: float | None = None,
                   segment_elements: int = 2 ** 17):
     """wkv7_chunked with its two state-free stages (`_chunk_prepare`, `_chunk_outputs`) compiled by
-    torch.compile (inductor: BT++/OpenMP on a CPU, Triton on a GPU). The same code, not a copy.
+    torch.compile (inductor: C++/OpenMP on a CPU, Triton on a GPU). The same code, not a copy.
 
     Compiled with dynamic=True: the number of chunks n and B*H are symbolic, so a new T or batch
     does not recompile, except that a single chunk or B*H = 1 is a case of its own (sizes 0 and 1
