@@ -4,7 +4,8 @@ Train notebook 05's students for several seeds and write radlads_seeds.json (the
     python radlads_seeds.py [--seeds 0 1 2 3 4]        # about 2 minutes a seed on one core
 
 The recipe is written once, in the cells of 05_radlads_distillation.ipynb tagged "recipe" (the conversion, the
-three stages, the causal tests). This script runs those cells, then `run_seed(seed)` for each seed: the student's
+three stages, the causal tests), with the training loop and hooks they import from nbhelpers.py. This script runs
+those cells, then `run_seed(seed)` for each seed: the student's
 initialisation (`init_from_teacher(seed=seed)`) and its training batches change with the seed, the teacher
 (mqar_teacher/) and the held-out sets do not. The notebook trains seed 0 live and checks that its numbers equal
 this file's seed-0 entry.

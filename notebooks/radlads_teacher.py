@@ -20,8 +20,9 @@ curriculum (`train_teacher(Task(), steps=3000, curriculum=0)`) the same model is
 3000 steps, barely above the 1/8 of guessing among the values it saw; with it, recall jumps from ~60% to 95%
 between steps 150 and 200 (3 pairs) and the 1500 steps end at 100% held-out recall on 8 pairs (~70 s).
 
-The notebook imports `Task`, `make_batch`, `recall` and `train_teacher` from here, so the teacher it loads
-and the data it distils on come from the same code.
+The notebook imports `Task`, `make_batch`, `recall`, `answer_loss` and the bookkeeping of which queries ask a key
+first (`value_positions`, `first_asks`) from here, so the teacher it loads and the data it distils on come from
+the same code.
 """
 from __future__ import annotations
 
@@ -125,6 +126,24 @@ def make_teacher(out_dir=TEACHER_DIR, seed=0, verbose=True):
     with open(os.path.join(out_dir, "training_log.json"), "w") as f:
         json.dump({"task": vars(task), "seed": seed, "columns": ["step", "pairs", "loss", "recall"], "log": log}, f)
     return model, log
+
+
+def value_positions(ids, P):
+    """For each position p: the position of the value stored in the context (the first 2P tokens) under the key
+    ids[p], or -1 if ids[p] is no key of the context. [B, T]"""
+    hit = ids[:, None, :2 * P:2] == ids[:, :, None]                  # [B, T, P]: ids[p] == key j
+    return torch.where(hit.any(-1), 2 * hit.float().argmax(-1) + 1, -1)
+
+
+def first_asks(ids, mask, P):
+    """The query positions whose key is asked for the first time (no earlier query asked it, so the answer is only
+    in the context), and at each of them the distance from the key's position to the query's (0 elsewhere)."""
+    first = mask.clone()
+    Q = (ids.shape[1] - 2 * P) // 2
+    for j in range(1, Q):
+        first[:, 2 * P + 2 * j] = (ids[:, 2 * P:2 * P + 2 * j:2] != ids[:, 2 * P + 2 * j, None]).all(-1)
+    dist = torch.arange(ids.shape[1]) - (value_positions(ids, P) - 1)
+    return first, torch.where(first, dist, 0)
 
 
 if __name__ == "__main__":
