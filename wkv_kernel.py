@@ -104,17 +104,17 @@ def wkv7_naive(r, w, k, v, a, b, S0=None):
     B, T, H, K = r.shape
     V = v.shape[-1]
     dtype, sd = r.dtype, state_dtype(r.dtype)
-    S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if S0 is None else S0.clone()
+    S = torch.zeros(B, H, K, V, dtype=sd, device=r.device) if S0 is None else S0   # read, never written
     r, w, k, v, a, b = (x.to(sd) for x in (r, w, k, v, a, b))
     y = torch.empty(B, T, H, V, dtype=sd, device=r.device)
     for t in range(T):
         r_t, w_t, k_t, v_t, a_t, b_t = (x[:, t] for x in (r, w, k, v, a, b))  # [B, H, K] (v_t: [B, H, V])
         aS = torch.einsum("bhk,bhkv->bhv", a_t, S)                                # a_t^T S_{t-1}  [B, H, V]
-        S = (torch.exp(w_t)[..., None] * S                                        # diag(exp(w_t)) S_{t-1}
-             + b_t[..., None] * aS[..., None, :]                                  # + b_t (a_t^T S_{t-1})
-             + k_t[..., None] * v_t[..., None, :])                                # + k_t v_t^T
+        S = torch.exp(w_t)[..., None] * S                                         # diag(exp(w_t)) S_{t-1}
+        S.addcmul_(b_t[..., None], aS[..., None, :])                              # + b_t (a_t^T S_{t-1})
+        S.addcmul_(k_t[..., None], v_t[..., None, :])                             # + k_t v_t^T
         y[:, t] = torch.einsum("bhk,bhkv->bhv", r_t, S)                           # y_t = S_t^T r_t
-    return y.to(dtype), S
+    return y.to(dtype), S if T else S.clone()                                     # never S0 itself
 
 
 # ----------------------------------------------------------------------------
