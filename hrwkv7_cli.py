@@ -137,7 +137,7 @@ class TextStream:
 
 def run_checkpoint(model_path, prompt, *, chat=False, stop=(), dtype=None, compute_dtype=None, device=None,
                    device_map=None, revision=None, offload_folder=None, max_new_tokens=256, temperature=1.0,
-                   top_p=0.9, seed=None) -> list:
+                   top_p=0.9, seed=None, compile=False) -> list:
     """What `hrwkv7 --model ...` does: load, tokenize (the checkpoint's tokenizer.json and, with chat,
     its chat template), stream the generated text until an EOS id or a stop string (`stop` and
     generation_config.json's stop_strings), print load time and tokens/s to stderr. Returns the prompt
@@ -158,7 +158,7 @@ def run_checkpoint(model_path, prompt, *, chat=False, stop=(), dtype=None, compu
         raise ValueError(f"{path}: {'--chat' if chat else '--stop'} needs tokenizer.json")
     model = HRWKV7ForCausalLM.from_pretrained(path, dtype=dtype, device=device, device_map=device_map,
                                               offload_folder=offload_folder, compute_dtype=compute_dtype,
-                                              progress=True)
+                                              progress=True, compile=compile)
     load_s = time.perf_counter() - t0
     if os.path.exists(tok_path):
         from tokenizers import Tokenizer
@@ -212,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compute-dtype", choices=["float32", "float64"],
                     help="compute in this dtype, weights kept in --dtype (e.g. bfloat16 weights, float32 logits)")
     ap.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the decode step with torch.compile (a minute or two at the first token; pays for "
+                         "small models and --compute-dtype, see bench_model.py)")
     ap.add_argument("--device-map", help="'auto': spread the layers over the GPUs, the CPU and --offload-folder")
     ap.add_argument("--offload-folder", help="where --device-map may offload layers to disk")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -228,7 +231,7 @@ def _run(argv) -> list:
                           compute_dtype=args.compute_dtype and getattr(torch, args.compute_dtype),
                           device=args.device, device_map=args.device_map, revision=args.revision,
                           offload_folder=args.offload_folder, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, compile=args.compile)
 
 
 def main(argv=None) -> list:

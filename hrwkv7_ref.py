@@ -463,6 +463,7 @@ class HRWKV7ForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.wkv_impl = "auto"   # the `impl` of every wkv_kernel.wkv7 call ("auto": chosen per call)
+        self.compiled_decode = None   # run() compiled for one-token calls, by compile_decode()
 
     # ---- weights
 
@@ -487,16 +488,21 @@ class HRWKV7ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, *, revision=None,
-                        compute_dtype=None, device_map=None, offload_folder=None,
-                        progress=False) -> "HRWKV7ForCausalLM":
-        """Load an HF-layout checkpoint (a directory or an HF repo id): load_pretrained, under Loading."""
-        return load_pretrained(path, dtype, device, config, revision=revision, compute_dtype=compute_dtype,
-                               device_map=device_map, offload_folder=offload_folder, progress=progress,
-                               model_class=cls)
+                        compute_dtype=None, device_map=None, offload_folder=None, progress=False,
+                        compile: bool = False) -> "HRWKV7ForCausalLM":
+        """Load an HF-layout checkpoint (a directory or an HF repo id): load_pretrained, under Loading.
+        compile=True: then compile_decode()."""
+        model = load_pretrained(path, dtype, device, config, revision=revision, compute_dtype=compute_dtype,
+                                device_map=device_map, offload_folder=offload_folder, progress=progress,
+                                model_class=cls)
+        return model.compile_decode() if compile else model
 
     @property
     def dtype(self):
-        return self.model.embed_tokens.weight.dtype
+        """The dtype the model computes in (and keeps its KV caches in): its weights' dtype, or the
+        compute_dtype it was loaded with."""
+        embed = self.model.embed_tokens
+        return getattr(embed, "compute_dtype", embed.weight.dtype)
 
     # ---- state
 
@@ -561,12 +567,29 @@ class HRWKV7ForCausalLM(nn.Module):
         read, never changed. check_ids=False skips the token-id range check, the one host sync of a
         call (generate passes it for the tokens it drew itself)."""
         state = self.check_inputs(input_ids, state, check_ids)
+        if input_ids.shape[1] == 1 and self.compiled_decode is not None:
+            return self.compiled_decode(input_ids, state)
+        return self.run(input_ids, state)
+
+    def run(self, input_ids, state: HRWKV7State):
+        """forward without the input checks."""
         x, state = self.model(input_ids, state, self.wkv_impl)          # [B, T, C]
         if self.config.tie_word_embeddings:
-            logits = F.linear(x, self.model.embed_tokens.weight)       # [B, T, n_vocab]
+            logits = linear_in(x, self.model.embed_tokens.weight)      # [B, T, n_vocab]
         else:
             logits = self.lm_head(x)                                    # [B, T, n_vocab]
         return logits, state
+
+    def compile_decode(self, **compile_kwargs) -> "HRWKV7ForCausalLM":
+        """Run every one-token call (a decode step) through torch.compile(run), as gpt-fast does;
+        prefill stays eager. dynamic=True: the caches' length and state.pos change every step and are
+        compiled as symbols, so one graph serves every step after the first two calls. The first
+        compile takes a minute or two on a CPU (with a C++ compiler). It pays where a step is bound by
+        per-op overhead (a small model) or by the cast of compute_dtype, which inductor fuses into the
+        products; for a large float32 or bfloat16 model it gains little (`python bench_model.py
+        --compile`). Returns self."""
+        self.compiled_decode = torch.compile(self.run, dynamic=True, **compile_kwargs)
+        return self
 
     # ---- generation
 
@@ -816,6 +839,35 @@ def dispatch_checkpoint(model: nn.Module, ckpt_dir, device_map, dtype, offload_f
                                         offload_folder=offload_folder, no_split_module_classes=["DecoderLayer"])
 
 
+def linear_in(x, weight, bias=None, block_bytes: int = 2 ** 20):
+    """y = x W^T (+ b) in x's dtype, for a weight W [out, in] stored in x's dtype (then F.linear) or
+    in another one (compute_dtype: e.g. bfloat16 W, float32 x), without a copy of W in x's dtype:
+      - eager: W is cast a block of rows at a time into one reused buffer of about block_bytes, which
+        stays in the cache, and multiplied there:   y[:, o0:o1] = x W[o0:o1]^T;
+        so W is read from memory once, in its stored dtype;
+      - compiled, for at most 4 rows of x (a decode step): y[m, o] = sum_i x[m, i] W[o, i] as one
+        reduction, into which inductor fuses the cast.
+    A bfloat16 number is exact in float32: the same numbers as F.linear(x, W.to(x.dtype), b) up to
+    the order of float32 additions."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    n_out, n_in = weight.shape
+    x2 = x.reshape(-1, n_in)                                            # [M, in]
+    if torch.compiler.is_compiling() and x2.shape[0] <= 4:
+        y = (x2[:, None, :] * weight.to(x.dtype)[None]).sum(-1)        # [M, out]
+    else:
+        rows = max(1, block_bytes // (n_in * x.element_size()))        # rows of W per block
+        yt = torch.empty(n_out, x2.shape[0], dtype=x.dtype, device=x.device)       # y^T [out, M]
+        buf = torch.empty(min(rows, n_out), n_in, dtype=x.dtype, device=x.device)  # [rows, in]
+        for o0 in range(0, n_out, rows):
+            o1 = min(n_out, o0 + rows)
+            torch.mm(buf[:o1 - o0].copy_(weight[o0:o1]), x2.t(), out=yt[o0:o1])   # W[o0:o1] x^T  [rows, M]
+        y = yt.t()                                                      # [M, out]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n_out)                              # [..., out]
+
+
 class _Cast(nn.Module):
     """A parametrization: the stored tensor, read as `dtype`."""
 
@@ -827,13 +879,39 @@ class _Cast(nn.Module):
         return stored.to(self.dtype)
 
 
-def compute_in(model: nn.Module, dtype) -> nn.Module:
-    """Keep every parameter stored as it is, but have each module read it as `dtype` (cast just in
-    time, when the module uses it): e.g. bfloat16 weights, float32 arithmetic."""
+class _CastLinear(nn.Linear):
+    """nn.Linear computing in self.compute_dtype with its weight kept in its stored dtype (linear_in)."""
+
+    def forward(self, x):
+        return linear_in(x.to(self.compute_dtype), self.weight, self.bias, self.block_bytes)
+
+
+class _CastEmbedding(nn.Embedding):
+    """nn.Embedding whose table stays in its stored dtype: the rows looked up are cast to compute_dtype."""
+
+    def forward(self, input_ids):
+        return F.embedding(input_ids, self.weight).to(self.compute_dtype)  # [B, T, C]
+
+
+def compute_in(model: nn.Module, dtype, block_bytes: int = 2 ** 20) -> nn.Module:
+    """Keep every parameter stored as it is (e.g. bfloat16), but compute in `dtype` (e.g. float32),
+    with no copy of the weights in `dtype`:
+      - nn.Linear (the projections, the head): through linear_in, each weight read in its stored
+        dtype and cast a block of rows at a time into a reused buffer of about block_bytes (1 MiB:
+        the fastest of 256 KiB to 4 MiB on a CPU with a 2 MiB L2 per core);
+      - nn.Embedding: the rows looked up, then cast;
+      - every other parameter (norms, hxa079's biases and low-rank matrices, r_k: small): cast when
+        a module reads it (a torch parametrization).
+    The Linear and Embedding modules become subclasses that only replace forward, so the parameter
+    names (the checkpoint's) do not change."""
     from torch.nn.utils import parametrize
     for module in list(model.modules()):
-        for name, _ in list(module.named_parameters(recurse=False)):
-            parametrize.register_parametrization(module, name, _Cast(dtype), unsafe=True)
+        if type(module) in (nn.Linear, nn.Embedding):
+            module.__class__ = _CastLinear if type(module) is nn.Linear else _CastEmbedding
+            module.compute_dtype, module.block_bytes = dtype, block_bytes
+        else:
+            for name, _ in list(module.named_parameters(recurse=False)):
+                parametrize.register_parametrization(module, name, _Cast(dtype), unsafe=True)
     return model
 
 
@@ -847,7 +925,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", config=None, *, rev
     one at a time. (Other formats, .pth among them, and incomplete config.json files: convert.py.)
 
     compute_dtype: keep the weights in `dtype` (e.g. bfloat16) but compute in compute_dtype (e.g.
-        float32): each weight is cast when a module reads it (a torch parametrization).
+        float32), with no copy of the weights in compute_dtype (compute_in).
     device_map: "auto" or {module name: device} ("cpu", "disk", 0, "cuda:1", ...): layers placed
         across devices with accelerate (its device-map inference, dispatch and disk offload to
         `offload_folder`); `device` is then unused. Each layer's state stays on its layer's device.

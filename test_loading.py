@@ -62,7 +62,7 @@ from conftest import HERE, load_tensors, make_teacher, read_json, rel, save_hf
 from convert import (LazyStateDict, TensorRef, default_lora_ranks, hxa079_init, init_from_teacher, load_checkpoint,
                      parse_size, save_checkpoint)
 from hrwkv7_ref import (HXA079_BIASES, REKA_FLASH_31, TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State,
-                        random_model, sample, state_bytes)
+                        compute_in, random_model, sample, state_bytes)
 
 # =================================================================================================
 # 1  The model's interface: its config, its input checks, generation, memory
@@ -358,6 +358,27 @@ def test_bfloat16_weights_float32_compute_match_float64(tmp_path):
     with torch.no_grad():
         got, want = model(ids)[0], ref(ids)[0]
     assert got.dtype == torch.float32 and rel(got, want) < 1e-5     # float32 rounding, not bf16's
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_compute_in_blocks_prefill_and_decode_match_float64(tmp_path, tie):
+    """compute_in with 1 KiB blocks (every product in several blocks and a remainder), a tied or an
+    untied head: prefill, then one decode step, each to 1e-5 of float64 on the same bf16-rounded
+    weights; the weights stay bfloat16 (no float32 copy kept), the caches and logits are float32."""
+    cfg = HRWKV7Config.from_dict({**TINY, "transformer_layers": [1], "hidden_size": 64, "head_dim": 16,
+                                  "tie_word_embeddings": tie})
+    save_hf(tmp_path / "ckpt", cfg, random_model(cfg, seed=7).bfloat16().state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(7))
+    ref = HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
+    model = compute_in(HRWKV7ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16), torch.float32,
+                       block_bytes=1024)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.dtype == torch.float32
+    with torch.no_grad():
+        want, want_state = ref(ids[:, :32])
+        got, state = model(ids[:, :32])
+        assert got.dtype == torch.float32 and rel(got, want) < 1e-5
+        assert all(t.dtype == torch.float32 for s in state.per_layer for t in (s if isinstance(s, tuple) else [s]))
+        assert rel(model(ids[:, 32:], state)[0], ref(ids[:, 32:], want_state)[0]) < 1e-5
 
 
 def test_repo_id_from_the_hub_cache_and_the_chat_command(tmp_path):
@@ -964,6 +985,19 @@ def run_cli(capsys, path, *extra):
                            "--max-new-tokens", "16", "--device", "cpu", *extra])
     out, err = capsys.readouterr()
     return ids, out, err
+
+
+def test_compile_flag_compiles_the_decode_step(sep_checkpoint, capsys, monkeypatch):
+    """--compile loads with from_pretrained(compile=True): compile_decode is called once, and the
+    generated ids are the same (compile_decode is replaced by a recorder: no compile here; the
+    compiled step's numbers are test_ref's test_compiled_decode_equals_eager)."""
+    path, *_ = sep_checkpoint
+    calls = []
+    monkeypatch.setattr(HRWKV7ForCausalLM, "compile_decode", lambda self: calls.append(self) or self)
+    plain, *_ = run_cli(capsys, path)
+    assert calls == []
+    compiled, *_ = run_cli(capsys, path, "--compile")
+    assert len(calls) == 1 and compiled == plain
 
 
 def test_stop_string_over_several_tokens_ends_generation_and_is_not_printed(sep_checkpoint, capsys):

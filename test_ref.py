@@ -50,7 +50,8 @@ Contents (each section starts with a banner "# ===...", then "# <number>  <title
 4.1     GQA with its cache against causal attention written with loops
 4.2     causal_attention (SDPA) against causal_attention_reference, bf16 scores in float32,
         bounded masks
-4.3     RoPE: known values, norm kept, relative positions; RMSNorm in float32 for half inputs
+4.3     RoPE: known values, norm kept, relative positions; RMSNorm in float32 for half inputs;
+        linear_in (compute_dtype's product) against the cast product
 5     The golden vectors and the named variants (golden/, imported in this section)
 5.1     The golden vectors: what the loop and the model compute now, rebuilt byte for byte by
         golden/make_golden.py (--only writes what it names and nothing else); the WKV vectors
@@ -307,6 +308,26 @@ def test_model_4096_whole_equals_split_equals_token_by_token(monkeypatch):
     assert rel(torch.cat([a, b] + steps, dim=1), whole) < 1e-5
     assert st.pos == state.pos == 4096
     for s, w in zip(st.per_layer, state.per_layer):
+        for x, y in zip(s if isinstance(s, tuple) else [s], w if isinstance(w, tuple) else [w]):
+            assert x.shape == y.shape and rel(x, y) < 1e-5
+
+
+def test_compiled_decode_equals_eager():
+    """compile_decode (torch.compile of the one-token call, dynamic shapes): after an eager prefill,
+    8 decode steps (the GQA cache grows at each) give the eager logits and states, float32 to 1e-5."""
+    model = random_model(TINY, seed=3, dtype=torch.float32)
+    compiled = random_model(TINY, seed=3, dtype=torch.float32).compile_decode()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    frames = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    with torch.no_grad():
+        _, s_eager = model(ids[:, :4])
+        s_comp = s_eager
+        for t in range(4, 12):
+            want, s_eager = model(ids[:, t:t + 1], s_eager)
+            got, s_comp = compiled(ids[:, t:t + 1], s_comp)
+            assert rel(got, want) < 1e-5 and s_comp.pos == s_eager.pos == t + 1
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > frames     # dynamo traced the steps
+    for s, w in zip(s_comp.per_layer, s_eager.per_layer):
         for x, y in zip(s if isinstance(s, tuple) else [s], w if isinstance(w, tuple) else [w]):
             assert x.shape == y.shape and rel(x, y) < 1e-5
 
@@ -1327,6 +1348,22 @@ def test_rmsnorm_computes_in_float32_for_half_inputs():
     for dtype, tol in ((torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7)):   # ~ one rounding of the output
         got = norm.to(dtype)(x.to(dtype))
         assert got.dtype == dtype and rel(got, want) < tol, dtype
+
+
+@pytest.mark.parametrize("block_bytes", [2 ** 20, 4096, 1])
+@pytest.mark.parametrize("M", [1, 5])
+def test_linear_in_equals_the_cast_product(block_bytes, M):
+    """linear_in (compute_dtype's product: bfloat16 W and b, float32 x, W cast a block of rows at a
+    time) == x W^T + b in float64 on the same numbers, to float32 rounding (2e-6 over 300 terms);
+    blocks of 3 rows leave a remainder of 1000 rows, block_bytes=1 one row per block. With W in x's
+    dtype it is F.linear itself."""
+    gen = torch.Generator().manual_seed(M)
+    W, b = torch.randn(1000, 300, generator=gen).bfloat16(), torch.randn(1000, generator=gen).bfloat16()
+    x = torch.randn(2, M, 300, generator=gen)
+    got = hrwkv7_ref.linear_in(x, W, b, block_bytes=block_bytes)
+    assert got.shape == (2, M, 1000) and got.dtype == torch.float32
+    assert rel(got, F.linear(x.double(), W.double(), b.double())) < 2e-6
+    assert torch.equal(hrwkv7_ref.linear_in(x, W.float(), b.float()), F.linear(x, W.float(), b.float()))
 
 
 # =================================================================================================
