@@ -848,9 +848,11 @@ def linear_in(x, weight, bias=None, block_bytes: int = 2 ** 20):
       - compiled, for at most 4 rows of x (a decode step): y[m, o] = sum_i x[m, i] W[o, i] as one
         reduction, into which inductor fuses the cast.
     A bfloat16 number is exact in float32: the same numbers as F.linear(x, W.to(x.dtype), b) up to
-    the order of float32 additions."""
+    the order of float32 additions. Under autograd (an input that requires grad), that plain cast."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)                                            # [M, in]
     if torch.compiler.is_compiling() and x2.shape[0] <= 4:

@@ -1364,6 +1364,11 @@ def test_linear_in_equals_the_cast_product(block_bytes, M):
     assert got.shape == (2, M, 1000) and got.dtype == torch.float32
     assert rel(got, F.linear(x.double(), W.double(), b.double())) < 2e-6
     assert torch.equal(hrwkv7_ref.linear_in(x, W.float(), b.float()), F.linear(x, W.float(), b.float()))
+    Wg, xg = W.clone().requires_grad_(), x.clone().requires_grad_()          # under autograd: gradients too
+    hrwkv7_ref.linear_in(xg, Wg, b, block_bytes=block_bytes).pow(2).sum().backward()
+    Wd, xd = W.double().requires_grad_(), x.double().requires_grad_()
+    F.linear(xd, Wd, b.double()).pow(2).sum().backward()
+    assert rel(xg.grad, xd.grad) < 2e-6 and rel(Wg.grad, Wd.grad) < 1e-2      # W's gradient rounded to bf16
 
 
 # =================================================================================================
