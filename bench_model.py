@@ -55,6 +55,9 @@ import torch.nn.functional as F
 
 from hrwkv7_ref import HRWKV7Config, HRWKV7ForCausalLM
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden"))
+from check import rel  # noqa: E402  (golden/check.py: max |x - ref| / max |ref|, the project's one measure)
+
 MODES = {   # name: from_pretrained's keyword arguments
     "fp32": dict(dtype=torch.float32),
     "bf16": dict(dtype=torch.bfloat16),
@@ -172,10 +175,6 @@ def prefill_flops(cfg, T: int) -> float:
     return 2 * model_params * T + attn
 
 
-def rel_err(x, ref) -> float:
-    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
-
-
 def run_mode(model, prompt, steps):
     """One round: prefill `prompt` [1, T], then the tokens `steps` [1, S] one at a time.
     -> prefill seconds, [seconds per step], logits [1, T + S, V] (float64)."""
@@ -243,7 +242,7 @@ def main(argv=None):
                 if rnd == 0:
                     first_steps[name] = sum(ts[:2])
                     if ref is not None:
-                        errors[name] = rel_err(logits, ref)
+                        errors[name] = rel(logits, ref)
                 prefill_t[name].append(tp)
                 warm = ts[2:] if compiling else ts[1:]                 # the first step after prefill: warm-up
                 step_t[name] += warm or ts

@@ -118,6 +118,12 @@ WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"
 # 1.1  Drawn configs, and the model against the loop
 
 
+def state_tensors(per_layer) -> list:
+    """The tensors of a state's per-layer list (the model's state.per_layer or the loop's
+    state["per_layer"]), in order: each RWKV layer's S, each GQA layer's k and v caches."""
+    return [t for s in per_layer for t in (s if isinstance(s, tuple) else (s,))]
+
+
 @st.composite
 def tiny_configs(draw):
     """Tiny HRWKV7Configs: GQA nowhere, everywhere, at layer 0 or anywhere; q/k norms, biases, tied
@@ -175,8 +181,8 @@ def test_loop_equals_model(cfgs, T, seed, data):
     assert loop_b["pos"] == st_b.pos == T
     for i, (s, r) in enumerate(zip(loop_b["per_layer"], st_b.per_layer)):
         assert isinstance(s, tuple) == isinstance(r, tuple) == cfg.is_gqa(i)
-        for x, y in zip(s if isinstance(s, tuple) else [s], r if isinstance(r, tuple) else [r]):
-            assert x.shape == y.shape and rel(x, y) < 1e-12
+    for x, y in zip(state_tensors(loop_b["per_layer"]), state_tensors(st_b.per_layer), strict=True):
+        assert x.shape == y.shape and rel(x, y) < 1e-12
 
 
 def oracle_logits(sd, cfg, ids):
@@ -220,11 +226,6 @@ def test_loop_imports_torch_and_the_standard_library_only():
     assert names <= {"torch", "math"}, names
 
 
-def loop_state_tensors(state):
-    """The tensors of a loop state, in order (each layer's S, or its k and v caches)."""
-    return [t for s in state["per_layer"] for t in (s if isinstance(s, tuple) else (s,))]
-
-
 def test_loop_never_changes_the_state_it_is_given():
     """run() from a state (GQA at layers 0 and 2 with q/k norms and biases: caches and WKV states)
     leaves that state's tensors as they were."""
@@ -233,9 +234,9 @@ def test_loop_never_changes_the_state_it_is_given():
     config, sd = model.config.to_dict(), model.state_dict()
     ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
     _, state = hrwkv7_loop.run(config, sd, ids[:, :3])
-    before = [t.clone() for t in loop_state_tensors(state)]
+    before = [t.clone() for t in state_tensors(state["per_layer"])]
     hrwkv7_loop.run(config, sd, ids[:, 3:5], state)
-    after = loop_state_tensors(state)
+    after = state_tensors(state["per_layer"])
     assert len(before) == len(after) == 6 and all(torch.equal(b, a) for b, a in zip(before, after))
 
 
@@ -277,9 +278,8 @@ def test_parallel_equals_split_equals_stepwise(cfg, T, data):
     assert rel(torch.cat(parts, 1), full) < 1e-10
     assert rel(torch.cat(steps, 1), full) < 1e-10
     assert state.pos == st_step.pos == st_full.pos == T
-    for s1, s2 in zip(st_full.per_layer, state.per_layer):
-        for a, b in zip(s1 if isinstance(s1, tuple) else [s1], s2 if isinstance(s2, tuple) else [s2]):
-            assert a.shape == b.shape and rel(b, a) < 1e-10
+    for a, b in zip(state_tensors(st_full.per_layer), state_tensors(state.per_layer), strict=True):
+        assert a.shape == b.shape and rel(b, a) < 1e-10
 
 
 def test_model_4096_whole_equals_split_equals_token_by_token(monkeypatch):
@@ -307,9 +307,8 @@ def test_model_4096_whole_equals_split_equals_token_by_token(monkeypatch):
                      (62, 4088, True, False)] + [(1, n, False, False) for n in range(4089, 4097)]
     assert rel(torch.cat([a, b] + steps, dim=1), whole) < 1e-5
     assert st.pos == state.pos == 4096
-    for s, w in zip(st.per_layer, state.per_layer):
-        for x, y in zip(s if isinstance(s, tuple) else [s], w if isinstance(w, tuple) else [w]):
-            assert x.shape == y.shape and rel(x, y) < 1e-5
+    for x, y in zip(state_tensors(st.per_layer), state_tensors(state.per_layer), strict=True):
+        assert x.shape == y.shape and rel(x, y) < 1e-5
 
 
 def test_compiled_decode_equals_eager():
@@ -327,9 +326,8 @@ def test_compiled_decode_equals_eager():
             got, s_comp = compiled(ids[:, t:t + 1], s_comp)
             assert rel(got, want) < 1e-5 and s_comp.pos == s_eager.pos == t + 1
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] > frames     # dynamo traced the steps
-    for s, w in zip(s_comp.per_layer, s_eager.per_layer):
-        for x, y in zip(s if isinstance(s, tuple) else [s], w if isinstance(w, tuple) else [w]):
-            assert x.shape == y.shape and rel(x, y) < 1e-5
+    for x, y in zip(state_tensors(s_comp.per_layer), state_tensors(s_eager.per_layer), strict=True):
+        assert x.shape == y.shape and rel(x, y) < 1e-5
 
 
 def test_state_is_not_mutated_and_dtype_is_kept():
@@ -337,12 +335,11 @@ def test_state_is_not_mutated_and_dtype_is_kept():
     model = random_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 6))
     _, state = model(ids)
-    before = [s.clone() if torch.is_tensor(s) else tuple(t.clone() for t in s) for s in state.per_layer]
+    before = [t.clone() for t in state_tensors(state.per_layer)]
     model(ids, state)
     model(ids[:, :1], state)
-    for s, b in zip(state.per_layer, before):
-        for x, y in zip(s if isinstance(s, tuple) else [s], b if isinstance(b, tuple) else [b]):
-            assert torch.equal(x, y)
+    for x, y in zip(state_tensors(state.per_layer), before, strict=True):
+        assert torch.equal(x, y)
     assert all((s.dtype if torch.is_tensor(s) else s[0].dtype) == torch.float64 for s in state.per_layer)
 
 
