@@ -72,7 +72,7 @@ VARIANTS = {
           "y_h = (y_h - y_h.mean(-1, keepdim=True)) / torch.sqrt(y_h.var(-1, unbiased=False, keepdim=True) + 64e-5)")]),
     "bonus_unscaled_key": (
         "bonus computed with the unscaled key",
-        "the bonus sum(r * k * r_k) * v taken with k before k * (1 - w + iclr)",
+        "the bonus sum(r * k * r_k) * v taken with k before k * (1 - w_pre + iclr)",
         "",
         [("k_h = k_h * (1 - w_pre[:, hh] + iclr[:, hh])", "k_raw, k_h = k_h, k_h * (1 - w_pre[:, hh] + iclr[:, hh])"),
          ("(r[:, hh] * k_h * g(p + \"r_k\")[hh])", "(r[:, hh] * k_raw * g(p + \"r_k\")[hh])")]),
