@@ -46,12 +46,12 @@ from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from command_line import ArgumentParser, UsageError, run_command
 from hrwkv7_ref import (HXA079_BIASES, HXA079_LORA, HRWKV7Config, HRWKV7ForCausalLM, check_state_dict,
-                        fold_rope_keys, open_safetensors, override_config, read_json, resolve_checkpoint)
+                        fold_rope_keys, open_safetensors, open_safetensors_file, override_config, read_json,
+                        resolve_checkpoint)
 
 # safetensors dtype names; the integer and bool ones are only read (and refused as weights)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -117,13 +117,6 @@ def _refs_of(state_dict) -> dict:
 
 # -----------------------------------------------------------------------------
 # Reading safetensors and .pth files
-
-
-def open_safetensors_file(path):
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as e:   # SafetensorError: truncated, corrupt header, not a safetensors file
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
 
 
 def _read_safetensors_tensor(path, key):

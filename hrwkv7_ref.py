@@ -698,6 +698,16 @@ def override_config(d: dict, overrides: Optional[dict], where: str = "config") -
     return {**fold_rope_keys(d, where), **fold_rope_keys(overrides or {}, "overrides")}
 
 
+def open_safetensors_file(path):
+    """safe_open(path) (a context manager; the header read, nothing else), or a ValueError naming the
+    path when the file is missing, truncated, has a corrupt header or is not safetensors."""
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+
+
 @contextlib.contextmanager
 def open_safetensors(ckpt_dir):
     """Open the safetensors files of an HF checkpoint directory, each once, and read their headers:
@@ -707,7 +717,6 @@ def open_safetensors(ckpt_dir):
     separator, no "..", not absolute); links in the directory are followed (the HF hub cache keeps
     each file as a link into ../../blobs). The index and the shards must agree. Raises a ValueError
     naming the file or the entry."""
-    from safetensors import safe_open
     ckpt_dir = os.fspath(ckpt_dir)
     single = os.path.join(ckpt_dir, "model.safetensors")
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
@@ -728,11 +737,8 @@ def open_safetensors(ckpt_dir):
     with contextlib.ExitStack() as stack:
         for file in ["model.safetensors"] if weight_map is None else sorted(set(weight_map.values())):
             full = os.path.join(ckpt_dir, file)
-            try:
-                f = stack.enter_context(safe_open(full, framework="pt"))
-                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            except Exception as e:                  # missing, truncated, corrupt header, not safetensors
-                raise ValueError(f"{full}: not a valid safetensors file ({e})") from None
+            f = stack.enter_context(open_safetensors_file(full))
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
             for name, shape in shapes.items():
                 if weight_map is not None and weight_map.get(name) != file:
                     problems.append(f"{file} holds {name}, which the index maps to {weight_map.get(name)!r}")
