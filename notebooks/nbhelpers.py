@@ -6,7 +6,11 @@ What the notebooks share, so that each cell reads as the step it performs: the f
     fig, ax = figure()                  # one readable panel: 900 px wide, 11 pt labels
     fig, (a, b) = figure(ncols=2)
 """
+import contextlib
+import math
+
 import matplotlib.pyplot as plt
+import torch
 
 STYLE = {"figure.dpi": 100, "savefig.dpi": 100, "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
          "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10, "axes.grid": True,
@@ -23,11 +27,6 @@ def figure(ncols: int = 1, nrows: int = 1, width: float = 9.0, height: float = 3
 # ---------------------------------------------------------------------------------------------------------
 # Notebook 05 (RADLADS in miniature): the training loop and the hooks the stages use. The notebook's cells
 # say what each stage trains and on which loss; the mechanics shared by the stages live here.
-
-import contextlib
-import math
-
-import torch
 
 
 def cosine(opt, steps: int, lr_min: float):
