@@ -34,7 +34,7 @@ import os
 import pathlib
 import sys
 
-WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"
+WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"   # also what test_ref.py checks before its GPU-only tests
 if not WANT_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

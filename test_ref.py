@@ -93,16 +93,12 @@ from hypothesis import strategies as st
 import hrwkv7_loop
 import hrwkv7_ref
 import wkv_kernel
-from conftest import HERE, TEACHER_KINDS, make_teacher, read_json, rel
+from conftest import HERE, TEACHER_KINDS, WANT_CUDA, make_teacher, read_json, rel
 from hrwkv7_ref import (TINY, HRWKV7Config, HRWKV7ForCausalLM, HRWKV7State, RMSNorm, apply_rope,
                         attention_transient_bytes, causal_attention, causal_attention_reference, random_model,
                         rope_cos_sin)
 from wkv_kernel import (HAS_TRITON, IMPLS, TRITON_INTERPRETED, pick_impl, state_dtype, wkv7, wkv7_chunked,
                         wkv7_compiled, wkv7_naive, wkv7_triton)
-
-# HRWKV7_TEST_CUDA=1: the Triton kernels run on the GPU (conftest.py then leaves TRITON_INTERPRET
-# unset), and the GPU-only tests run too
-WANT_CUDA = os.environ.get("HRWKV7_TEST_CUDA") == "1"
 
 
 # =================================================================================================
