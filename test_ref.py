@@ -51,7 +51,7 @@ Contents (each section starts with a banner "# ===...", then "# <number>  <title
 4.2     causal_attention (SDPA) against causal_attention_reference, bf16 scores in float32,
         bounded masks
 4.3     RoPE: known values, norm kept, relative positions; RMSNorm in float32 for half inputs;
-        linear_in (compute_dtype's product) against the cast product
+        linear_in (compute_dtype's product) against the cast product, eager and under compile
 5     The golden vectors and the named variants (golden/, imported in this section)
 5.1     The golden vectors: what the loop and the model compute now, rebuilt byte for byte by
         golden/make_golden.py (--only writes what it names and nothing else); the WKV vectors
@@ -1362,6 +1362,29 @@ def test_linear_in_equals_the_cast_product(block_bytes, M):
     Wd, xd = W.double().requires_grad_(), x.double().requires_grad_()
     F.linear(xd, Wd, b.double()).pow(2).sum().backward()
     assert rel(xg.grad, xd.grad) < 2e-6 and rel(Wg.grad, Wd.grad) < 1e-2      # W's gradient rounded to bf16
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_linear_in_under_compile_is_one_reduction_equal_to_the_cast_product(M):
+    """Under torch.compile (compile_decode) with at most 4 rows of x, linear_in takes its other branch:
+    one reduction sum_i x[m, i] W[o, i], into which inductor fuses W's cast. The graph dynamo captures
+    (recorded by a backend that runs it as it is, so no compile) holds that sum and no block loop of
+    products, and gives x W^T + b in float64 on the same numbers to float32 rounding."""
+    gen = torch.Generator().manual_seed(M)
+    W, b = torch.randn(1000, 300, generator=gen).bfloat16(), torch.randn(1000, generator=gen).bfloat16()
+    x = torch.randn(1, M, 300, generator=gen)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+                       for n in gm.graph.nodes if n.op in ("call_function", "call_method")])
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(hrwkv7_ref.linear_in, backend=record, fullgraph=True, dynamic=False)(x, W, b)
+    assert len(graphs) == 1 and "sum" in graphs[0] and not {"mm", "linear", "copy_"} & set(graphs[0]), graphs
+    assert got.shape == (1, M, 1000) and got.dtype == torch.float32
+    assert rel(got, F.linear(x.double(), W.double(), b.double())) < 2e-6
 
 
 # =================================================================================================
