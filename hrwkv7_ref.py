@@ -284,9 +284,9 @@ class RWKV7TimeMix(nn.Module):
         kk = F.normalize(k, dim=-1, eps=1e-12)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))          # the decay path in >= float32
         w_pre = -F.softplus(-(torch.tanh(xf @ self.w1.to(xf.dtype)) @ self.w2.to(xf.dtype) + self.w0.to(xf.dtype))) - 0.5
-        w_pre = w_pre.view(B, T, H, N)                                   # pre-decay, <= -0.5
+        w_pre = w_pre.view(B, T, H, N)                                  # pre-decay, <= -0.5
         k = (k * (1 - w_pre + iclr)).to(x.dtype)
-        w = -torch.exp(w_pre)                                            # log decay [B, T, H, N], >= float32
+        w = -torch.exp(w_pre)                                           # log decay [B, T, H, N], >= float32
         y, S = wkv7(r, w, k, v, -kk, kk * iclr, S, impl=wkv_impl)       # [B, T, H, N], [B, H, N, N]
         y = y * N ** -0.5
         y = y + (r * k * self.r_k).sum(-1, keepdim=True) * v

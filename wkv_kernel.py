@@ -316,7 +316,7 @@ def wkv7_chunked(r, w, k, v, a, b, S0=None, chunk_size: int = 64, max_factored_s
     if T == 0:
         return v.new_empty(B, 0, H, V), S.clone()
     BT = min(chunk_size, T)
-    n = -(-T // BT)                                                   # number of chunks
+    n = -(-T // BT)                                                  # number of chunks
     pad = n * BT - T
 
     # Batch and heads in one dimension, chunk index first (the loop below walks it):
@@ -327,7 +327,7 @@ def wkv7_chunked(r, w, k, v, a, b, S0=None, chunk_size: int = 64, max_factored_s
 
     r, w, k, v, a, b = (chunks(x) for x in (r, w, k, v, a, b))       # v: [n, BH, BT, V]
     S = S.reshape(B * H, K, V)
-    per = max(1, segment_elements // (B * H * BT * K))                # chunks per segment
+    per = max(1, segment_elements // (B * H * BT * K))               # chunks per segment
     ys = []
     for i in range(0, n, per):
         W, U0, M, Z, r_D, A_rb, A_rk = prepare(*(x[i:i + per] for x in (r, w, k, v, a, b)), float(max_factored_span))
@@ -452,7 +452,7 @@ if HAS_TRITON:
                                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  HAS_S0: tl.constexpr, MAX_SPAN: tl.constexpr):
         o_k, o_v, m_k, m_v, p_s, m_kv, S, base_k, base_v = _wkv7_program_start(s0_ptr, T, H, K, V, BK, BV, HAS_S0)
-        o_t = tl.arange(0, BT)                                               # token within the chunk
+        o_t = tl.arange(0, BT)                                              # token within the chunk
         s_lt = o_t[None, :] < o_t[:, None]                                  # [t, s]: s < t
         s_le = o_t[None, :] <= o_t[:, None]                                 # [t, s]: s <= t
         eye = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)              # I  [BT, BT]
@@ -473,7 +473,7 @@ if HAS_TRITON:
             g = tl.cumsum(w, axis=0)                                        # g_t                    [BT, BK]
             g_prev = tl.cumsum(w_prev, axis=0)                              # g_{t-1}
             g_rest = tl.cumsum(w_next, axis=0, reverse=True)                # g_end - g_t
-            g_end = tl.sum(w, axis=0)                                       # g_end                    [BK]
+            g_end = tl.sum(w, axis=0)                                       # g_end                  [BK]
 
             # the decayed rows of 2.-4. (exponents <= 0: factors in [0, 1])
             a_D = a * tl.exp(g_prev)                                        # a_D[t] = a_t exp(g_{t-1})
@@ -487,7 +487,7 @@ if HAS_TRITON:
             if span <= MAX_SPAN:
                 # factored about the chunk end g_end, as in step 5 of the chunked derivation:
                 # (a_t exp(g_{t-1} - g_end)) . (b_s exp(g_end - g_s)), row factors in [1, e^span]
-                up = tl.exp(-g_end)[None, :]                                # exp(-g_end)              [1, BK]
+                up = tl.exp(-g_end)[None, :]                                # exp(-g_end)            [1, BK]
                 a_up, r_up = a_D * up, r_D * up
                 A_ab = tl.where(s_lt, tl.dot(a_up, tl.trans(b_E), input_precision="ieee"), 0.0)
                 A_ak = tl.where(s_lt, tl.dot(a_up, tl.trans(k_E), input_precision="ieee"), 0.0)
@@ -622,7 +622,7 @@ def wkv7_triton(r, w, k, v, a, b, S0=None, path: str = "auto", chunk_size: int =
             sT.copy_(S0)
         return v.new_empty(B, 0, H, V), sT
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-    s0 = sT if S0 is None else S0.contiguous()                      # unread when S0 is None
+    s0 = sT if S0 is None else S0.contiguous()                           # unread when S0 is None
     # Triton's interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest
     # even): there, y is stored in float32 and rounded by torch below.
     y_dtype = torch.float32 if (TRITON_INTERPRETED and r.dtype == torch.bfloat16) else r.dtype
