@@ -13,6 +13,7 @@ fla-core's references come through fla_adapter.py, which also puts its recurrenc
 kernel suite:  python -m pytest -q test_ref.py --wkv-impl fla_adapter:fla_dplr_recurrence
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -119,7 +120,8 @@ def bench(shapes=None, dtype=None, device="cpu", repeats=5):
 
     peers = gpu_peers() if cuda else cpu_peers()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {dtype}; median of {repeats} "
-          f"(3 when a run takes > 1 s) after a warm-up; rel err = max|y - y_naive| / max|y_naive|")
+          f"(3 when a run takes > 1 s) after a warm-up; rel err = max|y - y_naive| / max|y_naive|; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (a busy machine slows every row)")
     if cuda:
         print(torch.cuda.get_device_name())
         buf = torch.empty(2 ** 28, dtype=torch.uint8, device=device)
